@@ -1,0 +1,446 @@
+//! A harness that boots the built Cloudlet image under qemu-system-aarch64
+//! through U-Boot, the way a Pi boots it from an SD card.
+//!
+//! Each [`Vm`] gets a copy-on-write overlay of the image (so tests never touch
+//! the built image and can run side by side), its serial console captured into
+//! memory, a QMP socket for the power button and keys, and host ports
+//! forwarded to the box's HTTP ports. Waits poll with timeouts scaled by
+//! `CLOUDLET_TEST_TIMEOUT_SCALE` for slow machines; no bare sleeps.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The box's HTTP ports, forwarded to free host ports.
+pub const GUEST_PORTS: [(&str, u16); 4] = [
+    ("sharing", 8080),
+    ("storage", 8081),
+    ("updater", 8082),
+    ("sync", 5984),
+];
+
+/// Workspace root (this crate lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Where the built image and U-Boot are.
+pub fn out_dir() -> PathBuf {
+    std::env::var_os("CLOUDLET_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("out"))
+}
+
+/// A timeout scaled for slow machines.
+pub fn scaled(d: Duration) -> Duration {
+    let k: f64 = std::env::var("CLOUDLET_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    d.mul_f64(k.max(0.1))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Disk size the overlay presents (the image grows /data to fill it).
+    pub disk_size: &'static str,
+    /// Kernel + initrd to boot directly, skipping U-Boot (the benchmark's floor).
+    pub direct_kernel: Option<(PathBuf, PathBuf, String)>,
+    pub memory_mib: u32,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            disk_size: "1G",
+            direct_kernel: None,
+            memory_mib: 512,
+        }
+    }
+}
+
+/// A disk that outlives one VM, so a test can boot it again.
+pub struct Disk {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl Disk {
+    /// A fresh copy-on-write overlay of the built image.
+    pub fn new(size: &str) -> Result<Disk> {
+        let image = out_dir().join("cloudlet-qemu-aarch64.img");
+        if !image.exists() {
+            bail!(
+                "{} is missing: build the image first (scripts/build)",
+                image.display()
+            );
+        }
+        let dir = tempfile::Builder::new().prefix("cloudlet-vm-").tempdir()?;
+        let path = dir.path().join("disk.qcow2");
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&image)
+            .arg(&path)
+            .arg(size)
+            .status()
+            .context("running qemu-img (scripts/setup installs it)")?;
+        if !st.success() {
+            bail!("qemu-img create failed: {st}");
+        }
+        Ok(Disk { dir, path })
+    }
+}
+
+/// A line the kernel or init logged on the console: `[    1.234] ...`.
+fn is_log_line(l: &str) -> bool {
+    let t = l.trim_start();
+    t.starts_with('[')
+        && t.split(']')
+            .next()
+            .is_some_and(|s| s[1..].trim().parse::<f64>().is_ok())
+}
+
+pub struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    console: Arc<Mutex<String>>,
+    qmp: Option<BufReader<UnixStream>>,
+    pub ports: BTreeMap<&'static str, u16>,
+    pub started: Instant,
+    marker: u64,
+    /// Where in the console text `wait_console` looks from.
+    cursor: usize,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- console ----\n{}\n-----------------", self.console());
+        }
+    }
+}
+
+impl Vm {
+    /// Boots `disk` (through U-Boot unless `opts.direct_kernel`).
+    pub fn boot(disk: &Disk, opts: &BootOptions) -> Result<Vm> {
+        let out = out_dir();
+        let qmp_path = disk
+            .dir
+            .path()
+            .join(format!("qmp-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&qmp_path);
+        let mut ports = BTreeMap::new();
+        let mut fwd = String::new();
+        for (name, guest) in GUEST_PORTS {
+            let host = free_port()?;
+            ports.insert(name, host);
+            fwd.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        let mut cmd = Command::new("qemu-system-aarch64");
+        // acpi=off: with firmware and ACPI, QEMU wires the power button to ACPI
+        // instead of the PL061 GPIO + gpio-keys a board like the Pi has.
+        cmd.args([
+            "-M",
+            "virt,acpi=off",
+            "-cpu",
+            "cortex-a72",
+            "-m",
+            &opts.memory_mib.to_string(),
+        ])
+        .args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=virtio,format=qcow2",
+            disk.path.display()
+        ))
+        // restrict=on: the box reaches nothing but the forwarded ports.
+        .arg("-netdev")
+        .arg(format!("user,id=n0,restrict=on{fwd}"))
+        .args(["-device", "virtio-net-pci,netdev=n0"]);
+        match &opts.direct_kernel {
+            Some((kernel, initrd, append)) => {
+                cmd.arg("-kernel")
+                    .arg(kernel)
+                    .arg("-initrd")
+                    .arg(initrd)
+                    .arg("-append")
+                    .arg(append);
+            }
+            None => {
+                cmd.arg("-bios").arg(out.join("u-boot.bin"));
+            }
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .context("starting qemu-system-aarch64 (scripts/setup installs it)")?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+        let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let console = Arc::new(Mutex::new(String::new()));
+        let c2 = console.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut c) = c2.lock() {
+                    c.push_str(&String::from_utf8_lossy(&buf[..n]).replace('\r', ""));
+                }
+            }
+        });
+        let mut vm = Vm {
+            child,
+            stdin,
+            console,
+            qmp: None,
+            ports,
+            started,
+            marker: 0,
+            cursor: 0,
+        };
+        vm.connect_qmp(&qmp_path)?;
+        Ok(vm)
+    }
+
+    fn connect_qmp(&mut self, path: &Path) -> Result<()> {
+        let until = Instant::now() + scaled(Duration::from_secs(20));
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > until => return Err(e).context("connecting to QMP"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream.set_read_timeout(Some(scaled(Duration::from_secs(30))))?;
+        let mut r = BufReader::new(stream);
+        let mut greeting = String::new();
+        r.read_line(&mut greeting)?;
+        if !greeting.contains("QMP") {
+            bail!("unexpected QMP greeting: {greeting}");
+        }
+        self.qmp = Some(r);
+        self.qmp(serde_json::json!({"execute": "qmp_capabilities"}))?;
+        Ok(())
+    }
+
+    /// Runs one QMP command and returns its `return` value.
+    pub fn qmp(&mut self, cmd: serde_json::Value) -> Result<serde_json::Value> {
+        let r = self
+            .qmp
+            .as_mut()
+            .ok_or_else(|| anyhow!("QMP not connected"))?;
+        let mut line = cmd.to_string();
+        line.push('\n');
+        r.get_mut().write_all(line.as_bytes())?;
+        loop {
+            let mut answer = String::new();
+            if r.read_line(&mut answer)? == 0 {
+                bail!("QMP closed");
+            }
+            let v: serde_json::Value = serde_json::from_str(&answer)?;
+            if let Some(ret) = v.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = v.get("error") {
+                bail!("QMP error: {err}");
+            }
+            // Asynchronous events (POWERDOWN, SHUTDOWN, ...) are skipped.
+        }
+    }
+
+    /// Everything the serial console printed so far.
+    pub fn console(&self) -> String {
+        self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `needle` appears on the console after the last match;
+    /// returns the time since QEMU started.
+    pub fn wait_console(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
+        let until = Instant::now() + scaled(timeout);
+        loop {
+            let text = self.console();
+            if let Some(i) = text.get(self.cursor..).and_then(|t| t.find(needle)) {
+                self.cursor += i + needle.len();
+                return Ok(self.started.elapsed());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                bail!("QEMU exited ({st}) before the console showed {needle:?}");
+            }
+            if Instant::now() > until {
+                bail!(
+                    "timed out after {:?} waiting for {needle:?} on the console",
+                    scaled(timeout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for init's "all services ready".
+    pub fn wait_ready(&mut self) -> Result<Duration> {
+        self.wait_console("all services ready", Duration::from_secs(180))
+    }
+
+    /// Runs a command in the box's console shell and returns its output and exit code.
+    pub fn shell(&mut self, cmd: &str) -> Result<(String, i32)> {
+        self.marker += 1;
+        let n = self.marker;
+        // The quotes keep the echoed command line from matching the markers.
+        let line = format!("echo '@@B''{n}@@'; {cmd}; echo \"@@E{n} $?\"'@@'\n");
+        self.stdin.write_all(line.as_bytes())?;
+        self.stdin.flush()?;
+        let begin = format!("@@B{n}@@\n");
+        let end = format!("@@E{n} ");
+        let until = Instant::now() + scaled(Duration::from_secs(60));
+        loop {
+            let text = self.console();
+            if let Some(b) = text.find(&begin) {
+                let after = &text[b + begin.len()..];
+                if let Some(e) = after.find(&end) {
+                    // init's and the kernel's log lines share the console: drop them.
+                    let out: String = after[..e]
+                        .lines()
+                        .filter(|l| !is_log_line(l))
+                        .map(|l| format!("{l}\n"))
+                        .collect();
+                    let code: i32 = after[e + end.len()..]
+                        .split("@@")
+                        .next()
+                        .and_then(|c| c.trim().parse().ok())
+                        .ok_or_else(|| anyhow!("bad exit marker"))?;
+                    return Ok((out, code));
+                }
+            }
+            if Instant::now() > until {
+                bail!("shell command {cmd:?} did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a shell command that must succeed; returns its output.
+    pub fn sh(&mut self, cmd: &str) -> Result<String> {
+        let (out, code) = self.shell(cmd)?;
+        if code != 0 {
+            bail!("{cmd:?} exited {code}: {out}");
+        }
+        Ok(out)
+    }
+
+    /// The box's status (init's, through the web UI's `/api/status`).
+    pub fn status(&mut self) -> Result<cloudlet_proto::control::Status> {
+        let (code, body) = self.http_get("sharing", "/api/status")?;
+        if code != 200 {
+            bail!("/api/status answered {code}: {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("parsing status {body:?}"))
+    }
+
+    /// Polls `f` until it returns `Some`.
+    pub fn poll<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&mut Vm) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let until = Instant::now() + scaled(timeout);
+        loop {
+            if let Some(v) = f(self)? {
+                return Ok(v);
+            }
+            if Instant::now() > until {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// An HTTP GET to a box service through its forwarded port: (status, body).
+    pub fn http_get(&self, service: &str, path: &str) -> Result<(u16, String)> {
+        let port = *self
+            .ports
+            .get(service)
+            .ok_or_else(|| anyhow!("no port for {service}"))?;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(scaled(Duration::from_secs(30))))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: cloudlet\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("bad HTTP answer {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// Presses the power button (QMP `system_powerdown`).
+    pub fn power_button(&mut self) -> Result<()> {
+        self.qmp(serde_json::json!({"execute": "system_powerdown"}))
+            .map(|_| ())
+    }
+
+    /// Waits for QEMU to exit by itself (the guest powered off).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let until = Instant::now() + scaled(timeout);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > until {
+                bail!("the box did not power off within {:?}", scaled(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Pulls the power: QEMU is killed with no warning to the guest.
+    pub fn pull_power(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}

@@ -1,0 +1,152 @@
+//! The image boots through U-Boot, init brings every service up, restarts
+//! what crashes, and shuts down cleanly on the power button.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use cloudlet_proto::control::ServiceState;
+use cloudlet_tests_qemu::{BootOptions, Disk, Vm};
+
+const SERVICES: [&str; 5] = ["dhcp", "storage", "sync", "sharing", "updater"];
+
+#[test]
+fn boots_and_every_service_reports_ready() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_console(
+        "cloudlet: booting slot A (A left 2, B left 0",
+        Duration::from_secs(60),
+    )?;
+    vm.wait_ready()?;
+
+    // Step: init's view of every service.
+    let s = vm.status()?;
+    assert!(s.all_ready);
+    assert_eq!(s.slot.as_deref(), Some("A"));
+    for name in SERVICES {
+        let svc = s
+            .services
+            .iter()
+            .find(|x| x.name == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        assert_eq!(svc.state, ServiceState::Ready, "{name}: {svc:?}");
+        assert!(svc.pid.is_some());
+    }
+    assert!(s.hostname.starts_with("cloudlet-"), "{}", s.hostname);
+
+    // Step: first boot grew /data to fill the 1 GiB disk.
+    let data = s.data.expect("data mounted");
+    assert!(data.grown && !data.created && data.was_clean, "{data:?}");
+    assert!(data.size_bytes > 700 << 20, "{data:?}");
+
+    // Step: each service answers over the network, through QEMU's port forwards.
+    for (svc, path) in [
+        ("sharing", "/health"),
+        ("storage", "/health"),
+        ("updater", "/api/version"),
+        ("sync", "/"),
+    ] {
+        let (code, body) = vm.http_get(svc, path)?;
+        assert_eq!(code, 200, "{svc}{path}: {body}");
+    }
+    let (_, page) = vm.http_get("sharing", "/")?;
+    assert!(
+        page.contains(&s.hostname) && page.contains("all services ready"),
+        "{page}"
+    );
+    let (_, v) = vm.http_get("updater", "/api/version")?;
+    assert!(v.contains(r#""slot":"A""#), "{v}");
+
+    // Step: the healthy boot was committed (tries back to 3 in the boot state).
+    vm.wait_console("boot marked good", Duration::from_secs(30))?;
+
+    // Step: services run as their own users, not root.
+    let ps = vm.sh("ps -o user,args | grep '[c]loudletd'")?;
+    for user in ["storage", "sync", "sharing", "updater"] {
+        assert!(ps.lines().any(|l| l.trim_start().starts_with(user)), "{ps}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_crashed_service_is_restarted() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_ready()?;
+    let before = vm.status()?;
+    let sync = before
+        .services
+        .iter()
+        .find(|s| s.name == "sync")
+        .expect("sync")
+        .clone();
+    let pid = sync.pid.expect("sync pid");
+    vm.sh(&format!("kill -9 {pid}"))?;
+    let after = vm.poll("sync restarted", Duration::from_secs(60), |vm| {
+        let s = vm.status()?;
+        let x = s.services.into_iter().find(|s| s.name == "sync");
+        Ok(x.filter(|x| x.restarts == 1 && x.state == ServiceState::Ready))
+    })?;
+    assert_ne!(after.pid, Some(pid));
+    assert_eq!(after.last_exit.as_deref(), Some("killed by SIGKILL"));
+    let (code, _) = vm.http_get("sync", "/")?;
+    assert_eq!(code, 200);
+    let logs = vm.sh("cloudlet service logs sync")?;
+    assert!(logs.contains("exited: killed by SIGKILL"), "{logs}");
+    Ok(())
+}
+
+#[test]
+fn power_button_shuts_down_cleanly_and_data_survives() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    {
+        let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+        vm.wait_ready()?;
+        vm.wait_console("boot marked good", Duration::from_secs(30))?;
+        // No sync: the orderly shutdown must get it to the disk.
+        vm.sh("mkdir -p /data/test && echo 'kept across power-off' > /data/test/hello")?;
+        vm.power_button()?;
+        vm.wait_console("orderly shutdown", Duration::from_secs(30))?;
+        vm.wait_console("data unmounted cleanly", Duration::from_secs(60))?;
+        let st = vm.wait_exit(Duration::from_secs(60))?;
+        assert!(st.success(), "{st}");
+    }
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    // The first boot's commit put A back to 3 tries, so this boot shows 2 again.
+    vm.wait_console(
+        "cloudlet: booting slot A (A left 2",
+        Duration::from_secs(60),
+    )?;
+    vm.wait_ready()?;
+    let s = vm.status()?;
+    let data = s.data.expect("data mounted");
+    assert!(
+        data.was_clean,
+        "the next boot found /data not cleanly unmounted: {data:?}"
+    );
+    assert!(!data.grown && !data.created);
+    assert_eq!(
+        vm.sh("cat /data/test/hello")?.trim(),
+        "kept across power-off"
+    );
+    Ok(())
+}
+
+#[test]
+fn control_request_reboots_into_the_same_slot() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_ready()?;
+    let first = vm.status()?.hostname;
+    // -no-reboot turns the guest's reboot into a QEMU exit.
+    vm.sh("cloudlet reboot")?;
+    vm.wait_console("data unmounted cleanly", Duration::from_secs(60))?;
+    vm.wait_exit(Duration::from_secs(60))?;
+    drop(vm);
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_ready()?;
+    let s = vm.status()?;
+    assert_eq!(s.hostname, first, "the hostname is kept on /data");
+    assert!(s.data.expect("data").was_clean);
+    Ok(())
+}
