@@ -3,7 +3,9 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
@@ -19,9 +21,54 @@ impl FormatTime for BootTime {
     }
 }
 
+/// The serial console is slow under emulation and can stall on real
+/// hardware (flow control): PID 1 never writes to it directly. Lines go
+/// through a bounded queue to a writer thread; when the queue is full, lines
+/// are dropped for the console only (they are still in the kernel log).
+struct ConsoleQueue {
+    tx: SyncSender<Vec<u8>>,
+    pending: Arc<(Mutex<usize>, Condvar)>,
+}
+
+static CONSOLE: OnceLock<ConsoleQueue> = OnceLock::new();
+
+fn console_queue() -> Option<&'static ConsoleQueue> {
+    if let Some(q) = CONSOLE.get() {
+        return Some(q);
+    }
+    let mut console = File::options().write(true).open("/dev/console").ok()?;
+    let (tx, rx) = sync_channel::<Vec<u8>>(256);
+    let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let p2 = pending.clone();
+    std::thread::Builder::new()
+        .name("console".into())
+        .spawn(move || {
+            while let Ok(line) = rx.recv() {
+                let _ = console.write_all(&line);
+                let (n, cv) = &*p2;
+                if let Ok(mut n) = n.lock() {
+                    *n = n.saturating_sub(1);
+                    cv.notify_all();
+                }
+            }
+        })
+        .ok()?;
+    let _ = CONSOLE.set(ConsoleQueue { tx, pending });
+    CONSOLE.get()
+}
+
+/// Waits (up to `timeout`) until every queued console line is written; called
+/// before power-off so the last words reach the console.
+pub fn flush(timeout: Duration) {
+    let Some(q) = CONSOLE.get() else { return };
+    let (n, cv) = &*q.pending;
+    if let Ok(guard) = n.lock() {
+        let _ = cv.wait_timeout_while(guard, timeout, |n| *n > 0);
+    }
+}
+
 #[derive(Clone)]
 struct ConsoleAndKmsg {
-    console: Arc<Mutex<Option<File>>>,
     kmsg: Arc<Mutex<Option<File>>>,
 }
 
@@ -29,9 +76,11 @@ struct EventWriter(ConsoleAndKmsg);
 
 impl Write for EventWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut c) = self.0.console.lock() {
-            if let Some(f) = c.as_mut() {
-                let _ = f.write_all(buf);
+        if let Some(q) = console_queue() {
+            if let Ok(mut n) = q.pending.0.lock() {
+                if q.tx.try_send(buf.to_vec()).is_ok() {
+                    *n += 1;
+                }
             }
         }
         if let Ok(mut k) = self.0.kmsg.lock() {
@@ -65,7 +114,6 @@ fn filter(default: &str) -> tracing_subscriber::EnvFilter {
 pub fn init_system() {
     let open = |p: &str| File::options().write(true).open(p).ok();
     let w = ConsoleAndKmsg {
-        console: Arc::new(Mutex::new(open("/dev/console"))),
         kmsg: Arc::new(Mutex::new(open("/dev/kmsg"))),
     };
     let _ = tracing_subscriber::fmt()

@@ -151,9 +151,6 @@ async fn main(opts: Options) -> Result<(), String> {
             }
         });
     }
-    if opts.system && clock != ClockSource::Ntp {
-        tokio::spawn(sntp_task(tx.clone()));
-    }
 
     let mut init = Init {
         opts,
@@ -257,7 +254,10 @@ fn clock_source() -> ClockSource {
 impl Init {
     fn message(&mut self, m: Msg) {
         match m {
-            Msg::Ready { svc, pid } => self.event(Event::Ready { svc, pid }),
+            Msg::Ready { svc, pid } => {
+                self.note(svc, format!("ready, pid {pid}"));
+                self.event(Event::Ready { svc, pid });
+            }
             Msg::Control(c) => {
                 let resp = self.control(c.request);
                 let _ = c.reply.send(resp);
@@ -352,7 +352,12 @@ impl Init {
             if b.has_partial() {
                 b.flush_partial();
             }
-            b.push_line(format!("[init] {line}"));
+            let t = system::uptime();
+            b.push_line(format!(
+                "[init {}.{:03}] {line}",
+                t.as_secs(),
+                t.subsec_millis()
+            ));
         }
     }
 
@@ -408,6 +413,10 @@ impl Init {
                     tracing::info!("all services ready (uptime {:.3} s)", up.as_secs_f64());
                     if self.opts.system {
                         self.commit_boot();
+                        // Network time is not needed to serve; ask once the boot's work is done.
+                        if self.clock != ClockSource::Ntp {
+                            tokio::spawn(sntp_task(self.tx.clone()));
+                        }
                     }
                 }
                 Action::GaveUp(svc) => {
@@ -790,6 +799,7 @@ async fn final_shutdown(mode: ShutdownMode, boot_mounted: bool) {
         _ => nix::sys::reboot::RebootMode::RB_POWER_OFF,
     };
     tracing::info!(?mode, "goodbye");
+    crate::logging::flush(Duration::from_secs(3));
     let _ = nix::sys::reboot::reboot(how);
     // reboot() only returns on failure. PID 1 must not exit: wait forever.
     loop {

@@ -101,6 +101,8 @@ fn try_run() -> Result<Infallible, String> {
         c("--slot")?,
         c(slot.name())?,
     ];
+    // Queued console lines would die with this process image.
+    crate::logging::flush(Duration::from_secs(2));
     let e = nix::unistd::execv(&c("/sbin/init")?, &args);
     Err(format!("exec /sbin/init: {e:?}"))
 }
@@ -129,7 +131,7 @@ fn free_initramfs() {
 /// Stage 1 failed: say so, give a person time to read it, reboot.
 pub fn fail(msg: &str) -> ! {
     tracing::error!("stage 1 failed: {msg}; rebooting in 5 s");
-    eprintln!("cloudlet-init: stage 1 failed: {msg}; rebooting in 5 s");
+    crate::logging::flush(Duration::from_secs(2));
     std::thread::sleep(Duration::from_secs(5));
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     loop {

@@ -116,6 +116,31 @@ fn is_log_line(l: &str) -> bool {
             .is_some_and(|s| s[1..].trim().parse::<f64>().is_ok())
 }
 
+impl Disk {
+    /// Byte offset and length of MBR partition `n` (1..=4) of the built image.
+    pub fn partition(&self, n: usize) -> Result<(u64, u64)> {
+        let mut mbr = [0u8; 512];
+        std::fs::File::open(out_dir().join("cloudlet-qemu-aarch64.img"))?.read_exact(&mut mbr)?;
+        let e = 446 + 16 * (n - 1);
+        let le = |o: usize| u32::from_le_bytes([mbr[o], mbr[o + 1], mbr[o + 2], mbr[o + 3]]) as u64;
+        Ok((le(e + 8) * 512, le(e + 12) * 512))
+    }
+
+    /// Writes zeros over `len` bytes at `offset` of this overlay (the image is untouched).
+    pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        let st = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -z {offset} {len}")])
+            .arg(&self.path)
+            .stdout(Stdio::null())
+            .status()
+            .context("running qemu-io")?;
+        if !st.success() {
+            bail!("qemu-io failed: {st}");
+        }
+        Ok(())
+    }
+}
+
 pub struct Vm {
     child: Child,
     stdin: ChildStdin,

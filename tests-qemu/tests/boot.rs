@@ -150,3 +150,42 @@ fn control_request_reboots_into_the_same_slot() -> Result<()> {
     assert!(s.data.expect("data").was_clean);
     Ok(())
 }
+
+#[test]
+fn an_empty_data_partition_gets_a_new_filesystem() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    let (offset, _) = disk.partition(4)?;
+    // No ext4 superblock any more: as on a card whose data partition was never formatted.
+    disk.zero(offset, 4 << 20)?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_console("making one", Duration::from_secs(90))?;
+    vm.wait_ready()?;
+    let data = vm.status()?.data.expect("data mounted");
+    assert!(data.created && data.grown, "{data:?}");
+    assert!(
+        data.size_bytes > 700 << 20,
+        "made to fill the grown partition: {data:?}"
+    );
+    assert!(vm.sh("grep ' /data ext4 ' /proc/mounts")?.contains("rw"));
+    Ok(())
+}
+
+#[test]
+fn pulling_the_power_loses_no_synced_file() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    {
+        let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+        vm.wait_ready()?;
+        vm.sh("mkdir -p /data/test && echo durable > /data/test/synced && sync")?;
+        vm.pull_power()?;
+    }
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_ready()?;
+    let data = vm.status()?.data.expect("data mounted after a power cut");
+    assert!(
+        !data.was_clean,
+        "a power cut must show as an unclean unmount: {data:?}"
+    );
+    assert_eq!(vm.sh("cat /data/test/synced")?.trim(), "durable");
+    Ok(())
+}
