@@ -64,6 +64,7 @@ fn main() -> ExitCode {
     if opts.system {
         // /dev may not be mounted yet when PID 1 is started without stage 1.
         let _ = cloudlet_init::system::mounts::early();
+        stage1::ensure_stdio();
         cloudlet_init::logging::init_system();
     } else {
         cloudlet_init::logging::init_stderr();

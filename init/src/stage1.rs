@@ -107,6 +107,43 @@ fn try_run() -> Result<Infallible, String> {
     Err(format!("exec /sbin/init: {e:?}"))
 }
 
+/// The initramfs has no /dev/console node (it is built without root), so the
+/// kernel started us with fds 0-2 closed. Point them at the console now, or
+/// the first files we open would become "stdout"; stage 2 inherits them.
+pub fn ensure_stdio() {
+    use std::os::fd::IntoRawFd;
+    for fd in 0..3 {
+        if nix::fcntl::fcntl(unsafe_fd(fd), nix::fcntl::FcntlArg::F_GETFD).is_ok() {
+            continue;
+        }
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+            .or_else(|_| {
+                std::fs::File::options()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+            });
+        if let Ok(f) = f {
+            let raw = f.into_raw_fd();
+            if raw != fd {
+                // SAFETY: both are plain descriptor numbers; dup2 onto a closed fd.
+                unsafe {
+                    nix::libc::dup2(raw, fd);
+                    nix::libc::close(raw);
+                }
+            }
+        }
+    }
+}
+
+fn unsafe_fd(fd: i32) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: only used for F_GETFD, which is harmless on a closed descriptor.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
 /// The initramfs stays in RAM until its files are deleted.
 fn free_initramfs() {
     let Ok(entries) = std::fs::read_dir("/") else {

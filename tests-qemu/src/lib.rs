@@ -164,8 +164,22 @@ impl Drop for Vm {
 }
 
 impl Vm {
-    /// Boots `disk` (through U-Boot unless `opts.direct_kernel`).
+    /// Boots `disk` (through U-Boot unless `opts.direct_kernel`). Host ports
+    /// are picked free just before QEMU binds them; if another process took
+    /// one in between, QEMU exits at once and the boot is tried again.
     pub fn boot(disk: &Disk, opts: &BootOptions) -> Result<Vm> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Vm::boot_once(disk, opts) {
+                Ok(vm) => return Ok(vm),
+                Err(e) if e.to_string().contains("before its QMP socket opened") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("QEMU did not start")))
+    }
+
+    fn boot_once(disk: &Disk, opts: &BootOptions) -> Result<Vm> {
         let out = out_dir();
         let qmp_path = disk
             .dir
@@ -260,12 +274,19 @@ impl Vm {
     }
 
     fn connect_qmp(&mut self, path: &Path) -> Result<()> {
-        let until = Instant::now() + scaled(Duration::from_secs(20));
+        let until = Instant::now() + scaled(Duration::from_secs(60));
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() > until => return Err(e).context("connecting to QMP"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    if let Some(st) = self.child.try_wait()? {
+                        bail!("QEMU exited ({st}) before its QMP socket opened");
+                    }
+                    if Instant::now() > until {
+                        return Err(e).context(format!("connecting to QMP at {}", path.display()));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         };
         stream.set_read_timeout(Some(scaled(Duration::from_secs(30))))?;
