@@ -28,6 +28,15 @@ enum Cmd {
     /// Supervised services.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Button presses on the box (pairing listens for short presses).
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Wait up to this many seconds for one.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
     /// Stop every service in order and reboot.
     Reboot,
     /// Stop every service in order and power off.
@@ -123,6 +132,17 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Some(r) = s.init_rss_kib {
                 println!("init:    {r} KiB resident");
             }
+            if let Some(b) = &s.board {
+                println!(
+                    "board:   {} (LEDs: {}, watchdog: {})",
+                    b.name,
+                    b.led,
+                    if b.watchdog { "on" } else { "none" }
+                );
+                for p in &b.power {
+                    println!("  power: {p}");
+                }
+            }
             println!();
             print_services(&s);
         }
@@ -146,6 +166,20 @@ fn run(cli: Cli) -> Result<(), String> {
             Response::Logs { lines, .. } => lines.iter().for_each(|l| println!("{l}")),
             other => return Err(format!("unexpected answer: {other:?}")),
         },
+        Cmd::Events { after, wait } => {
+            let req = Request::Events {
+                after,
+                wait_ms: wait.map(|s| s * 1000),
+            };
+            match call(sock, req)? {
+                Response::Events { events } => {
+                    for e in events {
+                        println!("{} {} {:.3}", e.seq, e.kind, e.uptime_ms as f64 / 1000.0);
+                    }
+                }
+                other => return Err(format!("unexpected answer: {other:?}")),
+            }
+        }
         Cmd::Reboot => {
             call(sock, Request::Reboot)?;
             println!("rebooting");

@@ -29,11 +29,15 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<ControlRequest>) {
+pub async fn serve(
+    listener: UnixListener,
+    tx: mpsc::UnboundedSender<ControlRequest>,
+    seq: tokio::sync::watch::Receiver<u64>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, tx.clone()));
+                tokio::spawn(connection(stream, tx.clone(), seq.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");
@@ -43,7 +47,26 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<ControlRequ
     }
 }
 
-async fn connection(stream: UnixStream, tx: mpsc::UnboundedSender<ControlRequest>) {
+/// Longest wait an `events` request may ask for.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+async fn ask(tx: &mpsc::UnboundedSender<ControlRequest>, request: Request) -> Option<Response> {
+    let (otx, orx) = oneshot::channel();
+    tx.send(ControlRequest {
+        request,
+        reply: otx,
+    })
+    .ok()?;
+    Some(orx.await.unwrap_or(Response::Error {
+        message: "init is shutting down".into(),
+    }))
+}
+
+async fn connection(
+    stream: UnixStream,
+    tx: mpsc::UnboundedSender<ControlRequest>,
+    mut seq: tokio::sync::watch::Receiver<u64>,
+) {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r);
@@ -85,24 +108,30 @@ async fn connection(stream: UnixStream, tx: mpsc::UnboundedSender<ControlRequest
             Ok(req) if req.is_privileged() && uid != Some(0) => Response::Error {
                 message: "permission denied: this request needs root on the box".into(),
             },
-            Ok(request) => {
-                let (otx, orx) = oneshot::channel();
-                if tx
-                    .send(ControlRequest {
-                        request,
-                        reply: otx,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                match orx.await {
-                    Ok(r) => r,
-                    Err(_) => Response::Error {
-                        message: "init is shutting down".into(),
+            Ok(Request::Events {
+                after,
+                wait_ms: Some(ms),
+            }) => {
+                // Long poll: wait here (not in the main loop) until a newer event exists.
+                let wait = std::time::Duration::from_millis(ms).min(MAX_WAIT);
+                let _ = tokio::time::timeout(wait, seq.wait_for(|s| *s > after)).await;
+                match ask(
+                    &tx,
+                    Request::Events {
+                        after,
+                        wait_ms: None,
                     },
+                )
+                .await
+                {
+                    Some(r) => r,
+                    None => return,
                 }
             }
+            Ok(request) => match ask(&tx, request).await {
+                Some(r) => r,
+                None => return,
+            },
         };
         if reply(&mut w, &response).await.is_err() {
             return;

@@ -9,6 +9,7 @@
 //! development machine (`--no-system`) to supervise services in a temporary
 //! directory; the host tests use that.
 
+pub mod board;
 pub mod bootcommit;
 pub mod control;
 pub mod logbuf;

@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cloudlet_board::button::Event as ButtonEv;
+use cloudlet_board::led::{ErrorClass, LedState};
 use cloudlet_proto::bootstate::Slot;
-use cloudlet_proto::control::{ClockSource, DataInfo, Request, Response, ServiceInfo, Status};
+use cloudlet_proto::control::{
+    BoardInfo, ButtonEvent, ClockSource, DataInfo, Request, Response, ServiceInfo, Status,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -52,7 +56,15 @@ enum Msg {
     Control(ControlRequest),
     PowerKey,
     Clock(ClockSource),
+    Button(ButtonEv),
 }
+
+/// How long the pairing window a short press opens stays open.
+const PAIRING_WINDOW: Duration = Duration::from_secs(60);
+/// How long the factory-reset gesture waits for its confirming press.
+const RESET_CONFIRM: Duration = Duration::from_secs(15);
+/// Button events kept for `events` requests.
+const EVENTS_KEPT: usize = 64;
 
 struct Init {
     opts: Options,
@@ -65,6 +77,13 @@ struct Init {
     data: Option<DataInfo>,
     clock: ClockSource,
     boot_mounted: bool,
+    board: Option<crate::board::Running>,
+    /// What the LEDs show when nothing temporary (pairing) is on.
+    led_base: LedState,
+    led_now: LedState,
+    pairing_until: Option<Instant>,
+    events: VecDeque<ButtonEvent>,
+    event_seq: tokio::sync::watch::Sender<u64>,
 }
 
 /// Runs init until shutdown. As PID 1 this does not return: it powers off or reboots.
@@ -104,7 +123,28 @@ async fn main(opts: Options) -> Result<(), String> {
         .unwrap_or_default();
     let mut data = None;
     let mut clock = clock_source();
+    let mut board = None;
     if opts.system {
+        for problem in mounts::early() {
+            tracing::error!("{problem}");
+        }
+        let btx = tx.clone();
+        board = crate::board::start(move |e| {
+            let _ = btx.send(Msg::Button(e));
+        });
+        match &board {
+            Some(b) => tracing::info!(board = b.name, watchdog = b.watchdog, "board"),
+            None => tracing::info!("no known board: no LEDs or button"),
+        }
+        let wipe = match &board {
+            Some(b) if b.held_at_start => factory_reset_gesture(b, &mut rx).await,
+            _ => false,
+        };
+        if wipe {
+            if let Some(disk) = &opts.disk {
+                wipe_data(disk);
+            }
+        }
         let (h, d) = system_boot(&opts, &mut vars);
         hostname = h;
         data = d;
@@ -133,9 +173,10 @@ async fn main(opts: Options) -> Result<(), String> {
         .collect();
 
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<ControlRequest>();
+    let (seq_tx, seq_rx) = tokio::sync::watch::channel(0u64);
     match control::bind(&opts.control_socket) {
         Ok(l) => {
-            tokio::spawn(control::serve(l, ctl_tx));
+            tokio::spawn(control::serve(l, ctl_tx, seq_rx));
         }
         Err(e) => {
             tracing::error!(error = %e, path = %opts.control_socket.display(), "control socket unavailable")
@@ -152,6 +193,11 @@ async fn main(opts: Options) -> Result<(), String> {
         });
     }
 
+    let led_base = if init_data_failed(&opts, &data) {
+        LedState::Error(ErrorClass::Storage)
+    } else {
+        LedState::Booting
+    };
     let mut init = Init {
         opts,
         sup: Supervisor::new(services),
@@ -163,7 +209,14 @@ async fn main(opts: Options) -> Result<(), String> {
         data,
         clock,
         boot_mounted: false,
+        board,
+        led_base,
+        led_now: LedState::Off,
+        pairing_until: None,
+        events: VecDeque::new(),
+        event_seq: seq_tx,
     };
+    init.show_led();
 
     let sig = |k| signal(k).map_err(|e| format!("signal handler: {e}"));
     let mut sigchld = sig(SignalKind::child())?;
@@ -175,8 +228,14 @@ async fn main(opts: Options) -> Result<(), String> {
     }
 
     init.start();
+    let mut pet = tokio::time::interval(Duration::from_secs(10));
+    pet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let has_watchdog = init.board.as_ref().is_some_and(|b| b.watchdog);
     loop {
-        let deadline = init.sup.next_deadline();
+        let deadline = [init.sup.next_deadline(), init.pairing_until]
+            .into_iter()
+            .flatten()
+            .min();
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -188,13 +247,25 @@ async fn main(opts: Options) -> Result<(), String> {
             _ = sigterm.recv() => init.begin_shutdown(if init.opts.system { ShutdownMode::PowerOff } else { ShutdownMode::Exit }, "SIGTERM"),
             _ = sigint.recv() => init.begin_shutdown(if init.opts.system { ShutdownMode::Reboot } else { ShutdownMode::Exit }, "SIGINT"),
             Some(m) = rx.recv() => init.message(m),
-            _ = sleep => init.event(Event::Tick),
+            _ = sleep => {
+                init.event(Event::Tick);
+                init.pairing_timeout();
+            }
+            // The watchdog is fed only from here: if this loop stops, the board resets.
+            _ = pet.tick(), if has_watchdog => {
+                if let Some(b) = &init.board {
+                    b.handle.pet();
+                }
+            }
         }
         if init.shutdown.is_some() && init.sup.shutting_down() && init.done_stopping() {
             break;
         }
     }
     let mode = init.shutdown.unwrap_or(ShutdownMode::Exit);
+    if let Some(b) = &init.board {
+        b.handle.led(LedState::Off);
+    }
     if init.opts.system {
         final_shutdown(mode, init.boot_mounted).await;
     }
@@ -257,6 +328,11 @@ impl Init {
             Msg::Ready { svc, pid } => {
                 self.note(svc, format!("ready, pid {pid}"));
                 self.event(Event::Ready { svc, pid });
+                // A service given up on and then restarted by hand clears the error.
+                if self.led_base == LedState::Error(ErrorClass::Service) && self.all_ready_now() {
+                    self.led_base = LedState::Ready;
+                    self.show_led();
+                }
             }
             Msg::Control(c) => {
                 let resp = self.control(c.request);
@@ -264,6 +340,81 @@ impl Init {
             }
             Msg::PowerKey => self.begin_shutdown(ShutdownMode::PowerOff, "power button"),
             Msg::Clock(c) => self.clock = c,
+            Msg::Button(e) => self.button(e),
+        }
+    }
+
+    fn button(&mut self, e: ButtonEv) {
+        let kind = match e {
+            ButtonEv::Short => "short-press",
+            ButtonEv::Long => "long-press",
+            ButtonEv::VeryLong => "very-long-press",
+            ButtonEv::LongReached => {
+                // Feedback while held: dark means "let go to power off".
+                if let Some(b) = &self.board {
+                    b.handle.led(LedState::Off);
+                }
+                return;
+            }
+            ButtonEv::Pressed | ButtonEv::VeryLongReached | ButtonEv::HeldAtBoot => return,
+        };
+        tracing::info!(kind, "button");
+        self.publish(kind);
+        match e {
+            ButtonEv::Short => {
+                // A short press opens the pairing window; a second one closes it.
+                self.pairing_until = match self.pairing_until {
+                    Some(_) => None,
+                    None => Some(Instant::now() + PAIRING_WINDOW),
+                };
+                self.show_led();
+            }
+            _ => self.begin_shutdown(ShutdownMode::PowerOff, "long press"),
+        }
+    }
+
+    fn publish(&mut self, kind: &str) {
+        let seq = self.events.back().map(|e| e.seq + 1).unwrap_or(1);
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(ButtonEvent {
+            seq,
+            kind: kind.to_owned(),
+            uptime_ms: system::uptime().as_millis() as u64,
+        });
+        let _ = self.event_seq.send(seq);
+    }
+
+    fn pairing_timeout(&mut self) {
+        if self.pairing_until.is_some_and(|t| t <= Instant::now()) {
+            self.pairing_until = None;
+            self.show_led();
+        }
+    }
+
+    /// Every service is ready right now.
+    fn all_ready_now(&self) -> bool {
+        (0..self.sup.specs().len()).all(|i| {
+            self.sup
+                .runtime(i)
+                .is_some_and(|r| r.state == cloudlet_proto::control::ServiceState::Ready)
+        })
+    }
+
+    fn show_led(&mut self) {
+        let want = if self.shutdown.is_some() {
+            LedState::Booting
+        } else if self.pairing_until.is_some() {
+            LedState::Pairing
+        } else {
+            self.led_base
+        };
+        if want != self.led_now {
+            self.led_now = want;
+            if let Some(b) = &self.board {
+                b.handle.led(want);
+            }
         }
     }
 
@@ -297,6 +448,14 @@ impl Init {
                 None => Response::Error {
                     message: format!("no service named {service:?}"),
                 },
+            },
+            Request::Events { after, .. } => Response::Events {
+                events: self
+                    .events
+                    .iter()
+                    .filter(|e| e.seq > after)
+                    .cloned()
+                    .collect(),
             },
             Request::Reboot => {
                 self.begin_shutdown(ShutdownMode::Reboot, "control request");
@@ -344,6 +503,12 @@ impl Init {
             uptime_ms: system::uptime().as_millis() as u64,
             init_rss_kib: system::rss_kib(std::process::id()),
             services,
+            board: self.board.as_ref().map(|b| BoardInfo {
+                name: b.name.to_owned(),
+                led: led_name(self.led_now),
+                watchdog: b.watchdog,
+                power: b.power.clone(),
+            }),
         }
     }
 
@@ -367,6 +532,7 @@ impl Init {
         }
         tracing::info!(reason = why, ?mode, "orderly shutdown");
         self.shutdown = Some(mode);
+        self.show_led();
         self.event(Event::ShutdownRequested);
     }
 
@@ -409,6 +575,10 @@ impl Init {
                     }
                 }
                 Action::AllReady => {
+                    if self.led_base == LedState::Booting {
+                        self.led_base = LedState::Ready;
+                        self.show_led();
+                    }
                     let up = system::uptime();
                     tracing::info!("all services ready (uptime {:.3} s)", up.as_secs_f64());
                     if self.opts.system {
@@ -427,6 +597,8 @@ impl Init {
                         .map(|s| s.name.clone())
                         .unwrap_or_default();
                     tracing::error!(service = %name, "service failed too often; giving up until restarted");
+                    self.led_base = LedState::Error(ErrorClass::Service);
+                    self.show_led();
                     self.note(
                         svc,
                         "failed too often; init gave up (restart it to try again)".into(),
@@ -640,9 +812,6 @@ fn watch_power_keys(tx: mpsc::UnboundedSender<Msg>) {
 /// PID 1's boot work before services start. Problems are logged and the box
 /// carries on in the safest state it can: it never stops here.
 fn system_boot(opts: &Options, vars: &mut BTreeMap<String, String>) -> (String, Option<DataInfo>) {
-    for problem in mounts::early() {
-        tracing::error!("{problem}");
-    }
     if let Err(e) = net::link_up("lo") {
         tracing::error!(error = %e, "loopback");
     }
@@ -804,5 +973,80 @@ async fn final_shutdown(mode: ShutdownMode, boot_mounted: bool) {
     // reboot() only returns on failure. PID 1 must not exit: wait forever.
     loop {
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+fn led_name(s: LedState) -> String {
+    match s {
+        LedState::Off => "off".into(),
+        LedState::Booting => "booting".into(),
+        LedState::Ready => "ready".into(),
+        LedState::Pairing => "pairing".into(),
+        LedState::Updating => "updating".into(),
+        LedState::ResetArmed => "reset-armed".into(),
+        LedState::Error(c) => format!("error-{}", c as u32),
+    }
+}
+
+fn init_data_failed(opts: &Options, data: &Option<DataInfo>) -> bool {
+    opts.system && data.is_none()
+}
+
+/// The button was held when the board started: if it stays held for the
+/// very-long time, arm a factory reset, then wait for one confirming short
+/// press. Returns true only when confirmed. Nothing is touched before that.
+async fn factory_reset_gesture(
+    board: &crate::board::Running,
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+) -> bool {
+    tracing::warn!("button held at boot: keep holding 10 s to arm a factory reset");
+    let mut armed = false;
+    let limit = tokio::time::Instant::now() + Duration::from_secs(12) + RESET_CONFIRM;
+    loop {
+        let msg = tokio::time::timeout_at(limit, rx.recv()).await;
+        let e = match msg {
+            Ok(Some(Msg::Button(e))) => e,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => break,
+        };
+        tracing::debug!(event = ?e, armed, "button during the reset gesture");
+        match (armed, e) {
+            (false, ButtonEv::HeldAtBoot) => {
+                armed = true;
+                board.handle.led(LedState::ResetArmed);
+                tracing::warn!("factory reset armed: release, then press the button once within 15 s to wipe /data");
+            }
+            (false, ButtonEv::Short | ButtonEv::Long) => {
+                tracing::info!("button released early: no factory reset");
+                return false;
+            }
+            (true, ButtonEv::Short) => {
+                tracing::warn!("factory reset confirmed");
+                board.handle.led(LedState::Booting);
+                return true;
+            }
+            _ => {}
+        }
+    }
+    board.handle.led(LedState::Booting);
+    tracing::info!("factory reset not confirmed: booting normally");
+    false
+}
+
+/// Destroys the data filesystem's superblocks so that the next step makes a
+/// new, empty one. Only /data: the boot and root partitions are untouched.
+fn wipe_data(disk: &Path) {
+    use std::os::unix::fs::FileExt;
+    let dev = disk::partition_path(disk, disk::PART_DATA);
+    let r = std::fs::File::options()
+        .write(true)
+        .open(&dev)
+        .and_then(|f| {
+            f.write_all_at(&vec![0u8; 1 << 20], 0)?;
+            f.sync_all()
+        });
+    match r {
+        Ok(()) => tracing::warn!(device = %dev.display(), "factory reset: /data wiped"),
+        Err(e) => tracing::error!(device = %dev.display(), error = %e, "factory reset failed"),
     }
 }

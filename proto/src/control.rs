@@ -23,6 +23,9 @@ pub enum Request {
         service: String,
         lines: Option<usize>,
     },
+    /// Button events with a sequence number above `after`. With `wait_ms`,
+    /// waits up to that long for one to happen (a long poll).
+    Events { after: u64, wait_ms: Option<u64> },
     /// Orderly shutdown, then reboot.
     Reboot,
     /// Orderly shutdown, then power off.
@@ -32,7 +35,10 @@ pub enum Request {
 impl Request {
     /// Whether the request changes the box (and so needs root).
     pub fn is_privileged(&self) -> bool {
-        !matches!(self, Request::Status | Request::Logs { .. })
+        !matches!(
+            self,
+            Request::Status | Request::Logs { .. } | Request::Events { .. }
+        )
     }
 }
 
@@ -44,6 +50,9 @@ pub enum Response {
     Logs {
         service: String,
         lines: Vec<String>,
+    },
+    Events {
+        events: Vec<ButtonEvent>,
     },
     /// The request was accepted (restart begun, shutdown begun).
     Accepted,
@@ -86,6 +95,26 @@ pub struct ServiceInfo {
     pub rss_kib: Option<u64>,
 }
 
+/// A button press init published (pairing listens for `short-press`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ButtonEvent {
+    pub seq: u64,
+    /// `short-press`, `long-press`, `very-long-press`.
+    pub kind: String,
+    pub uptime_ms: u64,
+}
+
+/// The board init drives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoardInfo {
+    pub name: String,
+    /// What the LEDs show: booting, ready, pairing, error, ...
+    pub led: String,
+    pub watchdog: bool,
+    /// Each power setting, applied or unsupported, as a line.
+    pub power: Vec<String>,
+}
+
 /// Where the wall clock came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -126,6 +155,8 @@ pub struct Status {
     pub uptime_ms: u64,
     pub init_rss_kib: Option<u64>,
     pub services: Vec<ServiceInfo>,
+    #[serde(default)]
+    pub board: Option<BoardInfo>,
 }
 
 #[cfg(test)]

@@ -151,6 +151,8 @@ pub struct Vm {
     marker: u64,
     /// Where in the console text `wait_console` looks from.
     cursor: usize,
+    /// Lines from the LED panel, with when they arrived.
+    leds: Arc<Mutex<Vec<(Duration, String)>>>,
 }
 
 impl Drop for Vm {
@@ -186,6 +188,11 @@ impl Vm {
             .path()
             .join(format!("qmp-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&qmp_path);
+        let led_path = disk
+            .dir
+            .path()
+            .join(format!("leds-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&led_path);
         let mut ports = BTreeMap::new();
         let mut fwd = String::new();
         for (name, guest) in GUEST_PORTS {
@@ -223,7 +230,26 @@ impl Vm {
         // restrict=on: the box reaches nothing but the forwarded ports.
         .arg("-netdev")
         .arg(format!("user,id=n0,restrict=on{fwd}"))
-        .args(["-device", "virtio-net-pci,netdev=n0"]);
+        .args(["-device", "virtio-net-pci,netdev=n0"])
+        // The board: a keyboard whose keys are the button, the LED panel
+        // on a virtio-serial port, and a watchdog.
+        .args([
+            "-device",
+            "virtio-keyboard-pci",
+            "-device",
+            "virtio-serial-pci",
+        ])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=leds,path={},server=on,wait=off",
+            led_path.display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=leds,name=cloudlet.leds",
+            "-device",
+            "i6300esb",
+        ]);
         match &opts.direct_kernel {
             Some((kernel, initrd, append)) => {
                 cmd.arg("-kernel")
@@ -268,8 +294,10 @@ impl Vm {
             started,
             marker: 0,
             cursor: 0,
+            leds: Arc::new(Mutex::new(Vec::new())),
         };
         vm.connect_qmp(&qmp_path)?;
+        vm.connect_leds(&led_path)?;
         Ok(vm)
     }
 
@@ -299,6 +327,51 @@ impl Vm {
         self.qmp = Some(r);
         self.qmp(serde_json::json!({"execute": "qmp_capabilities"}))?;
         Ok(())
+    }
+
+    fn connect_leds(&mut self, path: &Path) -> Result<()> {
+        let until = Instant::now() + scaled(Duration::from_secs(30));
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > until => {
+                    return Err(e).with_context(|| format!("LED panel at {}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let leds = self.leds.clone();
+        let started = self.started;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut l) = leds.lock() {
+                    l.push((started.elapsed(), line.trim().to_owned()));
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Everything the LED panel reported: (time since QEMU start, "status on").
+    pub fn leds(&self) -> Vec<(Duration, String)> {
+        self.leds.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Presses (`true`) or releases the board's button (a key of the virtio keyboard).
+    pub fn button(&mut self, down: bool) -> Result<()> {
+        self.qmp(serde_json::json!({
+            "execute": "input-send-event",
+            "arguments": {"events": [{"type": "key", "data": {"down": down, "key": {"type": "qcode", "data": "ret"}}}]}
+        }))
+        .map(|_| ())
+    }
+
+    /// A press held for `ms`.
+    pub fn press(&mut self, ms: u64) -> Result<()> {
+        self.button(true)?;
+        std::thread::sleep(Duration::from_millis(ms));
+        self.button(false)
     }
 
     /// Runs one QMP command and returns its `return` value.
@@ -345,8 +418,16 @@ impl Vm {
                 bail!("QEMU exited ({st}) before the console showed {needle:?}");
             }
             if Instant::now() > until {
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
                 bail!(
-                    "timed out after {:?} waiting for {needle:?} on the console",
+                    "timed out after {:?} waiting for {needle:?} on the console; it ends:\n{tail}",
                     scaled(timeout)
                 );
             }

@@ -99,15 +99,23 @@ impl OutputPin for PanelLed {
 const EVIOCGKEY_96: nix::libc::c_ulong = 0x8060_4518;
 const EV_KEY: u16 = 1;
 
-/// Whether any key is down now, per the kernel's key state.
-fn any_key_down(f: &File) -> std::io::Result<bool> {
+/// The keys down now, per the kernel's key state.
+fn keys_down(f: &File) -> std::io::Result<std::collections::BTreeSet<u16>> {
     let mut bits = [0u8; 96];
     // SAFETY: EVIOCGKEY(96) writes at most 96 bytes into the buffer.
     let rc = unsafe { nix::libc::ioctl(f.as_raw_fd(), EVIOCGKEY_96 as _, bits.as_mut_ptr()) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(bits.iter().any(|b| *b != 0))
+    Ok(bits
+        .iter()
+        .enumerate()
+        .flat_map(|(i, b)| {
+            (0..8)
+                .filter(move |j| b & (1 << j) != 0)
+                .map(move |j| (i * 8 + j) as u16)
+        })
+        .collect())
 }
 
 /// Parses one `struct input_event` (64-bit layout): (type, code, value).
@@ -188,21 +196,16 @@ impl Board for VirtBoard {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no virtio keyboard")
         })?;
         let mut f = File::open(&path)?;
-        let held = any_key_down(&f)?;
+        let down = keys_down(&f)?;
+        let held = !down.is_empty();
         std::thread::Builder::new()
             .name("button".into())
             .spawn(move || {
-                let mut level = KeyLevel::default();
-                if held {
-                    level.down.insert(0);
-                }
+                let mut level = KeyLevel { down };
                 let mut ev = [0u8; 24];
                 while f.read_exact(&mut ev).is_ok() {
                     let (ty, code, value) = parse_event(&ev);
                     if let Some(pressed) = level.event(ty, code, value) {
-                        if held && !pressed {
-                            level.down.clear();
-                        }
                         if tx
                             .send(Msg::Edge {
                                 pressed,

@@ -156,6 +156,7 @@ mod tests {
                 last_exit: Some("killed by SIGKILL".into()),
                 rss_kib: None,
             }],
+            board: None,
         };
         let html = render(&s);
         assert!(html.contains("cloudlet-&lt;x&gt;"));

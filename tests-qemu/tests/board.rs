@@ -1,0 +1,173 @@
+//! The board's physical interface under QEMU: LEDs read from the LED panel
+//! (a virtio-serial port), the button pressed through QMP.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use cloudlet_tests_qemu::{BootOptions, Disk, Vm};
+
+/// Status LED changes (true = on) after `from`.
+fn status_changes(vm: &Vm, from: Duration) -> Vec<(Duration, bool)> {
+    vm.leds()
+        .into_iter()
+        .filter(|(t, l)| *t >= from && l.starts_with("status "))
+        .map(|(t, l)| (t, l.ends_with(" on")))
+        .collect()
+}
+
+fn led_state(vm: &mut Vm) -> Result<String> {
+    Ok(vm.status()?.board.map(|b| b.led).unwrap_or_default())
+}
+
+#[test]
+fn leds_blink_while_booting_and_hold_steady_when_ready() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    let ready = vm.wait_ready()?;
+    let booting = status_changes(&vm, Duration::ZERO);
+    let before: Vec<_> = booting.iter().filter(|(t, _)| *t < ready).collect();
+    assert!(
+        before.len() >= 2,
+        "the status LED blinks while booting: {booting:?}"
+    );
+    assert!(
+        before.windows(2).all(|w| w[0].1 != w[1].1),
+        "it alternates: {before:?}"
+    );
+    vm.poll("status LED on", Duration::from_secs(10), |vm| {
+        Ok(status_changes(vm, Duration::ZERO)
+            .last()
+            .filter(|(_, on)| *on)
+            .map(|_| ()))
+    })?;
+    assert!(vm.leds().iter().any(|(_, l)| l == "power on"));
+    // Ready is steady: no changes over a 2 s window.
+    let settled = vm.started.elapsed();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert!(
+            status_changes(&vm, settled).is_empty(),
+            "ready must not blink"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = vm.status()?;
+    let board = s.board.expect("a board");
+    assert_eq!(
+        (board.name.as_str(), board.led.as_str(), board.watchdog),
+        ("qemu-virt", "ready", true)
+    );
+    assert!(
+        board.power.iter().any(|p| p.starts_with("cpu governor")),
+        "{:?}",
+        board.power
+    );
+    Ok(())
+}
+
+#[test]
+fn a_short_press_opens_pairing_and_is_published() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_ready()?;
+    vm.poll("LED ready", Duration::from_secs(10), |vm| {
+        Ok((led_state(vm)? == "ready").then_some(()))
+    })?;
+    let pressed = vm.started.elapsed();
+    vm.press(200)?;
+    let events = vm.poll("a short-press event", Duration::from_secs(20), |vm| {
+        let out = vm.sh("cloudlet events")?;
+        Ok(out.contains("short-press").then_some(out))
+    })?;
+    assert!(
+        events.lines().any(|l| l.starts_with("1 short-press")),
+        "{events}"
+    );
+    assert_eq!(led_state(&mut vm)?, "pairing");
+    // Fast blink: 100 ms on, 100 ms off.
+    vm.poll("pairing blinks", Duration::from_secs(20), |vm| {
+        Ok((status_changes(vm, pressed).len() >= 10).then_some(()))
+    })?;
+    // A long poll sees the next press.
+    let waiter = vm.sh("(cloudlet events --after 1 --wait 60 > /tmp/ev.txt &)")?;
+    assert!(waiter.trim().is_empty(), "{waiter}");
+    vm.press(200)?;
+    let next = vm.poll("the waiter's event", Duration::from_secs(30), |vm| {
+        let out = vm.sh("cat /tmp/ev.txt")?;
+        Ok(out.contains("short-press").then_some(out))
+    })?;
+    assert!(next.trim_start().starts_with("2 short-press"), "{next}");
+    // The second press closed the pairing window.
+    vm.poll("LED back to ready", Duration::from_secs(10), |vm| {
+        Ok((led_state(vm)? == "ready").then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_long_press_shuts_down_in_order() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_ready()?;
+    vm.press(3500)?;
+    vm.wait_console("reason=\"long press\"", Duration::from_secs(30))?;
+    vm.wait_console("data unmounted cleanly", Duration::from_secs(60))?;
+    assert!(vm.wait_exit(Duration::from_secs(60))?.success());
+    let tail = vm.leds().last().cloned();
+    assert_eq!(
+        tail.map(|t| t.1).as_deref(),
+        Some("power off"),
+        "LEDs go dark at power-off"
+    );
+    Ok(())
+}
+
+#[test]
+fn factory_reset_needs_the_held_button_and_a_confirming_press() -> Result<()> {
+    let disk = Disk::new("1G")?;
+    {
+        let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+        vm.wait_ready()?;
+        vm.sh("mkdir -p /data/test && echo mine > /data/test/file")?;
+        vm.power_button()?;
+        vm.wait_exit(Duration::from_secs(60))?;
+    }
+    // Held briefly at boot, then let go: nothing happens to /data.
+    {
+        let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+        vm.wait_console("mounting root", Duration::from_secs(60))?;
+        vm.button(true)?;
+        vm.wait_console("keep holding 10 s", Duration::from_secs(30))?;
+        vm.button(false)?;
+        vm.wait_console("no factory reset", Duration::from_secs(30))?;
+        vm.wait_ready()?;
+        assert_eq!(vm.sh("cat /data/test/file")?.trim(), "mine");
+        vm.power_button()?;
+        vm.wait_exit(Duration::from_secs(60))?;
+    }
+    // Held 10 s, released, confirmed with a short press: /data starts over.
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_console("mounting root", Duration::from_secs(60))?;
+    vm.button(true)?;
+    vm.wait_console("keep holding 10 s", Duration::from_secs(30))?;
+    vm.wait_console("factory reset armed", Duration::from_secs(30))?;
+    vm.button(false)?;
+    vm.poll("reset-armed blinking", Duration::from_secs(10), |vm| {
+        let fast = vm
+            .leds()
+            .windows(2)
+            .any(|w| w[1].0.saturating_sub(w[0].0) < Duration::from_millis(80));
+        Ok(fast.then_some(()))
+    })?;
+    // A person lets go, then presses again: not within the 30 ms debounce.
+    std::thread::sleep(Duration::from_millis(500));
+    vm.press(200)?;
+    vm.wait_console("factory reset confirmed", Duration::from_secs(30))?;
+    vm.wait_console("/data wiped", Duration::from_secs(30))?;
+    vm.wait_ready()?;
+    let data = vm.status()?.data.expect("data");
+    assert!(data.created, "{data:?}");
+    let (_, code) = vm.shell("test -e /data/test/file")?;
+    assert_ne!(code, 0, "the old file is gone");
+    Ok(())
+}
