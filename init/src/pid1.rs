@@ -585,7 +585,7 @@ impl Init {
                         self.commit_boot();
                         // Network time is not needed to serve; ask once the boot's work is done.
                         if self.clock != ClockSource::Ntp {
-                            tokio::spawn(sntp_task(self.tx.clone()));
+                            sntp_task(self.tx.clone());
                         }
                     }
                 }
@@ -733,8 +733,10 @@ async fn read_ready(fd: OwnedFd, svc: usize, pid: u32, tx: mpsc::UnboundedSender
     }
 }
 
-/// Keeps trying SNTP with growing pauses until the clock is set.
-async fn sntp_task(tx: mpsc::UnboundedSender<Msg>) {
+/// Keeps trying SNTP with growing pauses (10 s doubling to an hour) until
+/// the clock is set. A plain thread that sleeps between tries: it costs the
+/// idle box one wake-up per try and nothing else.
+fn sntp_task(tx: mpsc::UnboundedSender<Msg>) {
     let servers: Vec<String> = std::fs::read_to_string("/etc/cloudlet/ntp-servers")
         .unwrap_or_default()
         .lines()
@@ -746,27 +748,30 @@ async fn sntp_task(tx: mpsc::UnboundedSender<Msg>) {
         tracing::info!("no NTP servers configured");
         return;
     }
-    let mut pause = Duration::from_secs(2);
-    loop {
-        for s in &servers {
-            let s2 = s.clone();
-            let r =
-                tokio::task::spawn_blocking(move || sntp::query(&s2, Duration::from_secs(3))).await;
-            match r {
-                Ok(Ok(t)) => match sntp::set_clock(t) {
-                    Ok(()) => {
-                        tracing::info!(server = %s, "clock set by SNTP");
-                        let _ = tx.send(Msg::Clock(ClockSource::Ntp));
-                        return;
+    let spawned = std::thread::Builder::new()
+        .name("sntp".into())
+        .spawn(move || {
+            let mut pause = Duration::from_secs(10);
+            loop {
+                for s in &servers {
+                    match sntp::query(s, Duration::from_secs(3)) {
+                        Ok(t) => match sntp::set_clock(t) {
+                            Ok(()) => {
+                                tracing::info!(server = %s, "clock set by SNTP");
+                                let _ = tx.send(Msg::Clock(ClockSource::Ntp));
+                                return;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot set the clock"),
+                        },
+                        Err(e) => tracing::debug!(error = %e, "SNTP"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot set the clock"),
-                },
-                Ok(Err(e)) => tracing::debug!(error = %e, "SNTP"),
-                Err(_) => {}
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(3600));
             }
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(3600));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start SNTP");
     }
 }
 

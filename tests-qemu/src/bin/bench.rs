@@ -21,11 +21,14 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 /// A raw disk with one FAT partition: the kernel, an initramfs holding only
 /// the floor init, and a plain boot script.
-fn floor_disk(work: &Path) -> Result<PathBuf> {
+fn floor_disk(work: &Path, idle: bool) -> Result<PathBuf> {
     let out = out_dir();
+    let work = work.join(if idle { "idle" } else { "boot" });
+    let work = work.as_path();
     let ir = work.join("floor-initramfs");
     std::fs::create_dir_all(ir.join("dev"))?;
     run(Command::new("aarch64-linux-gnu-gcc")
+        .args(if idle { vec!["-DFLOOR_IDLE"] } else { vec![] })
         .args(["-static", "-O2", "-o"])
         .arg(ir.join("init"))
         .arg(root().join("tests-qemu/floor/init.c")))?;
@@ -120,7 +123,7 @@ fn size(p: &Path) -> String {
 
 fn boot_bench() -> Result<()> {
     let work = tempfile::tempdir()?;
-    let floor = floor_disk(work.path())?;
+    let floor = floor_disk(work.path(), false)?;
     let floor_qcow = Disk::new("1G")?; // only for its temp dir
     let mut floor_wall = Vec::new();
     let mut floor_guest = Vec::new();
@@ -272,9 +275,141 @@ fn boot_raw(d: &Disk) -> Result<Vm> {
     Vm::boot(&disk, &BootOptions::default())
 }
 
+/// (utime + stime) of a host process, in clock ticks.
+fn host_cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is 0, utime is 11, stime is 12.
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(t(11) + t(12))
+}
+
+/// One sample of every process on the box: pid -> (name, context switches, CPU ticks).
+fn guest_sample(vm: &mut Vm) -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
+    let out = vm.sh(concat!(
+        "for d in /proc/[0-9]*; do p=${d#/proc/}; ",
+        // Every thread of the process counts, not just the main one.
+        "c=$(cat $d/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches|^nonvoluntary_ctxt_switches/{s+=$2} END{print s}'); ",
+        "t=$(awk '{print $14+$15}' $d/stat 2>/dev/null); ",
+        "a=$(tr '\\0' ' ' < $d/cmdline 2>/dev/null | cut -c1-40); ",
+        "[ -n \"$c\" ] && [ -n \"$a\" ] && echo \"S $p $c $t $a\"; done"
+    ))?;
+    let mut m = std::collections::BTreeMap::new();
+    for l in out.lines() {
+        let mut f = l.split_whitespace();
+        if f.next() != Some("S") {
+            continue;
+        }
+        let (Some(pid), Some(cs), Some(t)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let name = f.collect::<Vec<_>>().join(" ");
+        if let (Ok(pid), Ok(cs), Ok(t)) = (pid.parse(), cs.parse(), t.parse()) {
+            m.insert(pid, (name, cs, t));
+        }
+    }
+    Ok(m)
+}
+
+fn idle_bench() -> Result<()> {
+    let secs: u64 = std::env::var("CLOUDLET_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let window = Duration::from_secs(secs);
+    let hz = 100.0; // USER_HZ on Linux, host and guest
+
+    // Cloudlet, idle after boot.
+    let disk = Disk::new("1G")?;
+    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+    vm.wait_ready()?;
+    vm.wait_console("boot marked good", Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(5));
+    let a = guest_sample(&mut vm)?;
+    let h0 = host_cpu_ticks(vm.pid())?;
+    std::thread::sleep(window);
+    let h1 = host_cpu_ticks(vm.pid())?;
+    let b = guest_sample(&mut vm)?;
+    let cl_host = (h1 - h0) as f64 / hz / secs as f64;
+    shutdown(vm)?;
+
+    // The floor: same kernel and U-Boot, an init that only sleeps.
+    let work = tempfile::tempdir()?;
+    let floor = floor_disk(work.path(), true)?;
+    let fd = Disk {
+        dir: tempfile::tempdir()?,
+        path: floor,
+    };
+    let mut fvm = boot_raw(&fd)?;
+    fvm.wait_console("FLOOR READY", Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(5));
+    let f0 = host_cpu_ticks(fvm.pid())?;
+    std::thread::sleep(window);
+    let f1 = host_cpu_ticks(fvm.pid())?;
+    let floor_host = (f1 - f0) as f64 / hz / secs as f64;
+    fvm.pull_power()?;
+
+    println!();
+    println!("Idle: {secs} s after all services ready, QEMU aarch64 virt (TCG); wake-ups = context switches of all threads");
+    println!(
+        "{:<42} {:>6} {:>12} {:>10}",
+        "process (guest)", "pid", "wakeups/s", "CPU ms"
+    );
+    let mut worst: f64 = 0.0;
+    for (pid, (name, cs1, t1)) in &b {
+        let Some((_, cs0, t0)) = a.get(pid) else {
+            continue;
+        };
+        let cloudlet = *pid == 1 || name.contains("cloudletd") || name.contains("udhcpc");
+        let sampler = name.contains("/bin/sh") || name.contains("cttyhack");
+        if !cloudlet && !sampler {
+            continue;
+        }
+        let w = cs1.saturating_sub(*cs0) as f64 / secs as f64;
+        let label = if sampler {
+            format!("{name} (the benchmark's own shell)")
+        } else {
+            name.clone()
+        };
+        if cloudlet {
+            worst = worst.max(w);
+        }
+        println!(
+            "{:<42} {:>6} {:>12.3} {:>10}",
+            label,
+            pid,
+            w,
+            (t1.saturating_sub(*t0)) * 10
+        );
+    }
+    println!(
+        "{:<42} {:>6} {:>12.3}",
+        "busiest Cloudlet process", "", worst
+    );
+    println!();
+    println!(
+        "{:<42} {:>12} {:>12} {:>8}",
+        "host CPU used by QEMU (cores)", "floor", "cloudlet", "ratio"
+    );
+    println!(
+        "{:<42} {:>12.3} {:>12.3} {:>7.2}x",
+        "",
+        floor_host,
+        cl_host,
+        if floor_host > 0.0 {
+            cl_host / floor_host
+        } else {
+            f64::NAN
+        }
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("boot") => boot_bench(),
-        _ => bail!("usage: cloudlet-bench boot"),
+        Some("idle") => idle_bench(),
+        _ => bail!("usage: cloudlet-bench boot|idle"),
     }
 }
