@@ -512,6 +512,14 @@ impl Init {
         }
     }
 
+    fn service_name(&self, svc: usize) -> String {
+        self.sup
+            .specs()
+            .get(svc)
+            .map(|s| s.name.clone())
+            .unwrap_or_default()
+    }
+
     fn note(&self, svc: usize, line: String) {
         if let Some(Ok(mut b)) = self.logs.get(svc).map(|l| l.lock()) {
             if b.has_partial() {
@@ -590,12 +598,7 @@ impl Init {
                     }
                 }
                 Action::GaveUp(svc) => {
-                    let name = self
-                        .sup
-                        .specs()
-                        .get(svc)
-                        .map(|s| s.name.clone())
-                        .unwrap_or_default();
+                    let name = self.service_name(svc);
                     tracing::error!(service = %name, "service failed too often; giving up until restarted");
                     self.led_base = LedState::Error(ErrorClass::Service);
                     self.show_led();
@@ -648,12 +651,7 @@ impl Init {
             };
             let pid = pid.as_raw() as u32;
             if let Some(svc) = self.sup.index_of_pid(pid) {
-                let name = self
-                    .sup
-                    .specs()
-                    .get(svc)
-                    .map(|s| s.name.clone())
-                    .unwrap_or_default();
+                let name = self.service_name(svc);
                 if self.shutdown.is_none() {
                     tracing::warn!(service = %name, pid, "exited: {}", how.describe());
                 }

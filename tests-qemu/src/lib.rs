@@ -546,6 +546,12 @@ impl Vm {
             .map(|_| ())
     }
 
+    /// Presses the power button and waits for the box to power off.
+    pub fn power_off(&mut self) -> Result<std::process::ExitStatus> {
+        self.power_button()?;
+        self.wait_exit(Duration::from_secs(60))
+    }
+
     /// Waits for QEMU to exit by itself (the guest powered off).
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let until = Instant::now() + scaled(timeout);

@@ -122,6 +122,16 @@ fn a_long_press_shuts_down_in_order() -> Result<()> {
     Ok(())
 }
 
+/// Boots with the button pressed from the moment its driver is up (the
+/// initramfs has loaded virtio_input by "mounting root") until init sees it.
+fn boot_with_button_held(disk: &Disk) -> Result<Vm> {
+    let mut vm = Vm::boot(disk, &BootOptions::default())?;
+    vm.wait_console("mounting root", Duration::from_secs(60))?;
+    vm.button(true)?;
+    vm.wait_console("keep holding 10 s", Duration::from_secs(30))?;
+    Ok(vm)
+}
+
 #[test]
 fn factory_reset_needs_the_held_button_and_a_confirming_press() -> Result<()> {
     let disk = Disk::new("1G")?;
@@ -129,27 +139,19 @@ fn factory_reset_needs_the_held_button_and_a_confirming_press() -> Result<()> {
         let mut vm = Vm::boot(&disk, &BootOptions::default())?;
         vm.wait_ready()?;
         vm.sh("mkdir -p /data/test && echo mine > /data/test/file")?;
-        vm.power_button()?;
-        vm.wait_exit(Duration::from_secs(60))?;
+        vm.power_off()?;
     }
     // Held briefly at boot, then let go: nothing happens to /data.
     {
-        let mut vm = Vm::boot(&disk, &BootOptions::default())?;
-        vm.wait_console("mounting root", Duration::from_secs(60))?;
-        vm.button(true)?;
-        vm.wait_console("keep holding 10 s", Duration::from_secs(30))?;
+        let mut vm = boot_with_button_held(&disk)?;
         vm.button(false)?;
         vm.wait_console("no factory reset", Duration::from_secs(30))?;
         vm.wait_ready()?;
         assert_eq!(vm.sh("cat /data/test/file")?.trim(), "mine");
-        vm.power_button()?;
-        vm.wait_exit(Duration::from_secs(60))?;
+        vm.power_off()?;
     }
     // Held 10 s, released, confirmed with a short press: /data starts over.
-    let mut vm = Vm::boot(&disk, &BootOptions::default())?;
-    vm.wait_console("mounting root", Duration::from_secs(60))?;
-    vm.button(true)?;
-    vm.wait_console("keep holding 10 s", Duration::from_secs(30))?;
+    let mut vm = boot_with_button_held(&disk)?;
     vm.wait_console("factory reset armed", Duration::from_secs(30))?;
     vm.button(false)?;
     vm.poll("reset-armed blinking", Duration::from_secs(10), |vm| {

@@ -273,6 +273,23 @@ pub struct ServiceOptions {
     pub state_dir: std::path::PathBuf,
 }
 
+/// The usual life of a service: check its state directory, serve `handler`
+/// on its address until SIGTERM, give requests in flight 3 s to finish.
+pub async fn run_service<H, F>(opts: ServiceOptions, handler: H) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    check_state_dir(&opts.state_dir)?;
+    serve(
+        opts.listen,
+        handler,
+        shutdown_signal(),
+        Duration::from_secs(3),
+    )
+    .await
+}
+
 /// Makes sure the service's state directory exists and can be written (not
 /// read-only, not someone else's); a service is not ready before it can keep
 /// what it is sent. No fsync: this runs on every boot and proves only access.

@@ -2,12 +2,10 @@
 //! shows the box's status page (from init's control socket) and `/api/status`;
 //! pairing and share links arrive with the sharing issue.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use cloudlet_proto::control::{self, ClockSource, Request, Response, Status};
 use cloudlet_runtime::{health, json, not_found, text, Body, ServiceOptions};
 use hyper::StatusCode;
+use std::path::PathBuf;
 
 pub const NAME: &str = "sharing";
 
@@ -122,14 +120,7 @@ async fn page(path: &str) -> hyper::Response<Body> {
 }
 
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
-    cloudlet_runtime::check_state_dir(&opts.state_dir)?;
-    cloudlet_runtime::serve(
-        opts.listen,
-        |req| async move { page(req.uri().path()).await },
-        cloudlet_runtime::shutdown_signal(),
-        Duration::from_secs(3),
-    )
-    .await
+    cloudlet_runtime::run_service(opts, |req| async move { page(req.uri().path()).await }).await
 }
 
 #[cfg(test)]
