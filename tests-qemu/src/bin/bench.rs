@@ -243,7 +243,7 @@ fn boot_bench() -> Result<()> {
     );
     println!(
         "{:<44} {:>14}",
-        "rootfs (squashfs zstd, userland)",
+        "rootfs (squashfs lz4, userland)",
         size(&out.join("rootfs.squashfs"))
     );
     println!(
