@@ -127,8 +127,9 @@ pub fn disk_spindown(sys: &Path, idle_ms: u64) -> Outcome {
     }
 }
 
-/// HDMI: nothing to do when no display is connected (the Pi's firmware and
-/// KMS keep an unconnected port unpowered); a connected one is left on.
+/// HDMI: with KMS, a port with no display has no mode set and its encoder
+/// stays disabled, so there is nothing to switch off; a connected display is
+/// left on (someone is looking at it). Reported either way.
 pub fn hdmi(sys: &Path) -> Outcome {
     let ports: Vec<_> = dirs(&sys.join("class/drm"))
         .into_iter()
@@ -149,7 +150,7 @@ pub fn hdmi(sys: &Path) -> Outcome {
     if connected == 0 {
         applied(
             "hdmi off",
-            format!("{} ports, none connected: unpowered", ports.len()),
+            format!("{} ports, none connected: left disabled (nothing to switch off)", ports.len()),
         )
     } else {
         unsupported(
