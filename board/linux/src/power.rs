@@ -150,7 +150,10 @@ pub fn hdmi(sys: &Path) -> Outcome {
     if connected == 0 {
         applied(
             "hdmi off",
-            format!("{} ports, none connected: left disabled (nothing to switch off)", ports.len()),
+            format!(
+                "{} ports, none connected: left disabled (nothing to switch off)",
+                ports.len()
+            ),
         )
     } else {
         unsupported(
