@@ -1,0 +1,243 @@
+//! The content-addressed blob store: file contents, named by their BLAKE3
+//! hash, under `blobs/ab/abcdef...`. A blob is written to `tmp/` while it
+//! streams in, then fsynced, renamed into place and its directory fsynced:
+//! a blob path either holds the complete content or does not exist. Whatever
+//! is in `tmp/` when the store opens is a write that was never acknowledged,
+//! and is deleted.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A blob's name: the BLAKE3 hash of its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobId(pub [u8; 32]);
+
+impl BlobId {
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(s: &str) -> Option<BlobId> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(BlobId(out))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// a file operation in the store failed
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BlobError + 'a {
+    move |source| BlobError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BlobError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing", dir))
+}
+
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// Opens (creating) the store under `root` and drops unfinished writes.
+    pub fn open(root: &Path) -> Result<BlobStore, BlobError> {
+        for d in ["blobs", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).map_err(io("creating", &root.join(d)))?;
+        }
+        let tmp = root.join("tmp");
+        for e in std::fs::read_dir(&tmp)
+            .map_err(io("listing", &tmp))?
+            .flatten()
+        {
+            std::fs::remove_file(e.path()).map_err(io("removing", &e.path()))?;
+        }
+        Ok(BlobStore {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn path(&self, id: &BlobId) -> PathBuf {
+        let hex = id.hex();
+        self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    /// Starts a streamed write.
+    pub fn begin(&self) -> Result<Upload, BlobError> {
+        let tmp = self.root.join("tmp");
+        for n in 0u32..10_000 {
+            let path = tmp.join(format!("up-{}-{n}", std::process::id()));
+            match File::options().write(true).create_new(true).open(&path) {
+                Ok(file) => {
+                    return Ok(Upload {
+                        file,
+                        path,
+                        hasher: blake3::Hasher::new(),
+                        size: 0,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io("creating", &path)(e)),
+            }
+        }
+        Err(io("creating a temporary file in", &tmp)(
+            std::io::ErrorKind::AlreadyExists.into(),
+        ))
+    }
+
+    /// Makes an upload durable under its hash. Content that is already
+    /// stored is not written twice.
+    pub fn commit(&self, up: Upload) -> Result<(BlobId, u64), BlobError> {
+        let Upload {
+            file,
+            path,
+            hasher,
+            size,
+        } = up;
+        let id = BlobId(*hasher.finalize().as_bytes());
+        let dest = self.path(&id);
+        if dest.exists() {
+            drop(file);
+            std::fs::remove_file(&path).map_err(io("removing", &path))?;
+            return Ok((id, size));
+        }
+        file.sync_all().map_err(io("syncing", &path))?;
+        drop(file);
+        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+            sync_dir(&self.root.join("blobs"))?;
+        }
+        std::fs::rename(&path, &dest).map_err(io("renaming into", &dest))?;
+        sync_dir(&dir)?;
+        Ok((id, size))
+    }
+
+    pub fn open_blob(&self, id: &BlobId) -> Result<File, BlobError> {
+        let p = self.path(id);
+        File::open(&p).map_err(io("opening", &p))
+    }
+
+    pub fn remove(&self, id: &BlobId) -> Result<(), BlobError> {
+        let p = self.path(id);
+        match std::fs::remove_file(&p) {
+            Ok(()) => sync_dir(p.parent().unwrap_or(&self.root)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("removing", &p)(e)),
+        }
+    }
+
+    /// Every stored blob.
+    pub fn list(&self) -> Result<Vec<BlobId>, BlobError> {
+        let mut out = Vec::new();
+        let blobs = self.root.join("blobs");
+        for d in std::fs::read_dir(&blobs)
+            .map_err(io("listing", &blobs))?
+            .flatten()
+        {
+            for f in std::fs::read_dir(d.path())
+                .map_err(io("listing", &d.path()))?
+                .flatten()
+            {
+                if let Some(id) = f.file_name().to_str().and_then(BlobId::from_hex) {
+                    out.push(id);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// A blob being written.
+pub struct Upload {
+    file: File,
+    path: PathBuf,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl Upload {
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), BlobError> {
+        self.file
+            .write_all(chunk)
+            .map_err(io("writing", &self.path))?;
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+        Ok(())
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn blobs_are_named_by_content_and_stored_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(d.path()).unwrap();
+        let mut up = s.begin().unwrap();
+        up.write(b"hello ").unwrap();
+        up.write(b"world").unwrap();
+        let (id, size) = s.commit(up).unwrap();
+        assert_eq!(size, 11);
+        assert_eq!(id.0, *blake3::hash(b"hello world").as_bytes());
+        let mut text = String::new();
+        s.open_blob(&id).unwrap().read_to_string(&mut text).unwrap();
+        assert_eq!(text, "hello world");
+        let mut again = s.begin().unwrap();
+        again.write(b"hello world").unwrap();
+        assert_eq!(s.commit(again).unwrap().0, id);
+        assert_eq!(s.list().unwrap(), vec![id]);
+        assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        s.remove(&id).unwrap();
+        s.remove(&id).unwrap();
+        assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unfinished_uploads_vanish_on_open() {
+        let d = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(d.path()).unwrap();
+        let mut up = s.begin().unwrap();
+        up.write(b"half a file").unwrap();
+        drop(up);
+        drop(s);
+        let s = BlobStore::open(d.path()).unwrap();
+        assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn hex_round_trip_and_rejects() {
+        let id = BlobId([0xab; 32]);
+        assert_eq!(BlobId::from_hex(&id.hex()), Some(id));
+        assert_eq!(BlobId::from_hex("abc"), None);
+        assert_eq!(BlobId::from_hex(&"zz".repeat(32)), None);
+    }
+}
