@@ -516,15 +516,28 @@ impl Vm {
 
     /// An HTTP GET to a box service through its forwarded port: (status, body).
     pub fn http_get(&self, service: &str, path: &str) -> Result<(u16, String)> {
+        self.http_get_auth(service, path, None)
+    }
+
+    /// [`Vm::http_get`] with an `Authorization` header.
+    pub fn http_get_auth(
+        &self,
+        service: &str,
+        path: &str,
+        auth: Option<&str>,
+    ) -> Result<(u16, String)> {
         let port = *self
             .ports
             .get(service)
             .ok_or_else(|| anyhow!("no port for {service}"))?;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(scaled(Duration::from_secs(30))))?;
+        let auth = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: cloudlet\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: cloudlet\r\n{auth}Connection: close\r\n\r\n"
         )?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;

@@ -57,6 +57,20 @@ fn boots_and_every_service_reports_ready() -> Result<()> {
     let (_, v) = vm.http_get("updater", "/api/version")?;
     assert!(v.contains(r#""slot":"A""#), "{v}");
 
+    // Step: storage serves nothing without the box's access token (made at first boot).
+    let (code, _) = vm.http_get("storage", "/")?;
+    assert_eq!(code, 401);
+    let (code, _) = vm.http_get_auth("storage", "/", Some("Bearer 0000"))?;
+    assert_eq!(code, 401);
+    let token = vm.sh("cat /data/storage/access-token")?;
+    let (code, body) =
+        vm.http_get_auth("storage", "/", Some(&format!("Bearer {}", token.trim())))?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        vm.sh("stat -c %a /data/storage/access-token")?.trim(),
+        "600"
+    );
+
     // Step: the healthy boot was committed (tries back to 3 in the boot state).
     vm.wait_console("boot marked good", Duration::from_secs(30))?;
 

@@ -6,6 +6,8 @@
 //!   on SIGTERM/SIGINT and lets requests in flight finish.
 //! * [`health`]: the `/health` answer every service gives.
 
+pub mod auth;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write;

@@ -7,6 +7,9 @@ pub mod blobs;
 pub mod meta;
 pub mod path;
 
+use std::sync::Arc;
+
+use cloudlet_runtime::auth::{unauthorized, Authenticator, TokenAuth};
 use cloudlet_runtime::{health, json, not_found, ServiceOptions};
 use hyper::StatusCode;
 
@@ -20,12 +23,24 @@ pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
         .await
         .map_err(std::io::Error::other)?
         .map_err(std::io::Error::other)?;
-    let _store = std::sync::Arc::new(store);
-    cloudlet_runtime::run_service(opts, |req| async move {
-        match req.uri().path() {
-            "/health" => health(NAME),
-            "/" => json(StatusCode::OK, &serde_json::json!({"service": NAME})),
-            _ => not_found(),
+    let _store = Arc::new(store);
+    // Never serve without a credential: until pairing exists, the box's access token.
+    let auth: Arc<dyn Authenticator> = Arc::new(TokenAuth::load_or_create(
+        &opts.state_dir.join("access-token"),
+    )?);
+    cloudlet_runtime::run_service(opts, move |req| {
+        let auth = auth.clone();
+        async move {
+            if req.uri().path() == "/health" {
+                return health(NAME);
+            }
+            if let Err(e) = auth.check(req.headers()) {
+                return unauthorized(&e);
+            }
+            match req.uri().path() {
+                "/" => json(StatusCode::OK, &serde_json::json!({"service": NAME})),
+                _ => not_found(),
+            }
         }
     })
     .await
