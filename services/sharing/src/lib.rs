@@ -59,6 +59,19 @@ pub fn render(s: &Status) -> String {
         ClockSource::Unset => "<p class=\"warn\">The clock is not set yet (no network time); times shown may be wrong.</p>",
         _ => "",
     };
+    let board = match &s.board {
+        Some(b) => format!(
+            "<p>Board: {} (LEDs: {}, watchdog {}).</p><ul>{}</ul>",
+            esc(&b.name),
+            esc(&b.led),
+            if b.watchdog { "on" } else { "none" },
+            b.power
+                .iter()
+                .map(|p| format!("<li>{}</li>", esc(p)))
+                .collect::<String>()
+        ),
+        None => String::new(),
+    };
     let data = match &s.data {
         Some(d) => format!(
             "{} of {} free{}",
@@ -77,7 +90,7 @@ pub fn render(s: &Status) -> String {
 <title>{host}</title><style>body{{font-family:system-ui,sans-serif;max-width:44em;margin:2em auto;padding:0 1em}}\
 table{{border-collapse:collapse;width:100%}}td,th{{text-align:left;padding:.3em;border-bottom:1px solid #ddd}}\
 .ready{{color:#070}}.failed,.warn{{color:#b00}}</style></head><body>\
-<h1>{host}</h1><p>Cloudlet {ver}, slot {slot}, {state}.</p>{clock}<p>Storage: {data}</p>\
+<h1>{host}</h1><p>Cloudlet {ver}, slot {slot}, {state}.</p>{clock}<p>Storage: {data}</p>{board}\
 <table><tr><th>Service</th><th>State</th><th>PID</th><th>Restarts</th><th>Last exit</th></tr>\n{rows}</table></body></html>\n",
         host = esc(&s.hostname),
         ver = esc(&s.version),
@@ -147,9 +160,22 @@ mod tests {
                 last_exit: Some("killed by SIGKILL".into()),
                 rss_kib: None,
             }],
-            board: None,
+            board: Some(cloudlet_proto::control::BoardInfo {
+                name: "rpi4".into(),
+                led: "pairing".into(),
+                watchdog: true,
+                power: vec![
+                    "cpu governor: ondemand on 1 policies".into(),
+                    "wifi power save: unsupported <x>".into(),
+                ],
+            }),
         };
         let html = render(&s);
+        assert!(
+            html.contains("<p>Board: rpi4 (LEDs: pairing, watchdog on).</p>"),
+            "{html}"
+        );
+        assert!(html.contains("<li>wifi power save: unsupported &lt;x&gt;</li>"));
         assert!(html.contains("cloudlet-&lt;x&gt;"));
         assert!(!html.contains("<x>"));
         assert!(html.contains("clock is not set"));
