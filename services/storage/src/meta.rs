@@ -159,6 +159,25 @@ fn descendants<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(out)
 }
 
+/// Removes `path` (whose entry is `entry`) and everything under it, releasing their blobs.
+fn remove_tree(
+    entries: &mut Entries<'_>,
+    refs: &mut Refs<'_>,
+    freed: &mut Vec<BlobId>,
+    path: &str,
+    entry: Entry,
+) -> Result<(), StoreError> {
+    let mut gone = vec![(path.to_owned(), entry)];
+    gone.extend(descendants(entries, path)?);
+    for (p, e) in gone {
+        if let Kind::File { blob, .. } = e.kind {
+            adjust(refs, &blob, -1, freed)?;
+        }
+        entries.remove(p.as_str()).map_err(dberr)?;
+    }
+    Ok(())
+}
+
 fn require_parent(entries: &Entries<'_>, path: &str) -> Result<(), StoreError> {
     match get(entries, parent(path))? {
         Some(Entry {
@@ -326,15 +345,7 @@ impl Store {
             let Some(e) = get(entries, &path)? else {
                 return Err(StoreError::NotFound(path.clone()));
             };
-            let mut gone = vec![(path.clone(), e)];
-            gone.extend(descendants(entries, &path)?);
-            for (p, e) in gone {
-                if let Kind::File { blob, .. } = e.kind {
-                    adjust(refs, &blob, -1, freed)?;
-                }
-                entries.remove(p.as_str()).map_err(dberr)?;
-            }
-            Ok(())
+            remove_tree(entries, refs, freed, &path, e)
         })
     }
 
@@ -364,14 +375,7 @@ impl Store {
                 if !overwrite {
                     return Err(StoreError::Exists(to.clone()));
                 }
-                let mut gone = vec![(to.clone(), old)];
-                gone.extend(descendants(entries, &to)?);
-                for (p, e) in gone {
-                    if let Kind::File { blob, .. } = e.kind {
-                        adjust(refs, &blob, -1, freed)?;
-                    }
-                    entries.remove(p.as_str()).map_err(dberr)?;
-                }
+                remove_tree(entries, refs, freed, &to, old)?;
             }
             let mut items = vec![(from.clone(), src)];
             items.extend(descendants(entries, &from)?);

@@ -59,6 +59,17 @@ fn read_file(s: &Store, blob: &[u8; 32]) -> Vec<u8> {
     v
 }
 
+/// How many entries use each blob.
+fn uses(s: &Store) -> BTreeMap<BlobId, u64> {
+    let mut want: BTreeMap<BlobId, u64> = BTreeMap::new();
+    for (_, e) in s.walk().unwrap() {
+        if let Kind::File { blob, .. } = e.kind {
+            *want.entry(BlobId(blob)).or_default() += 1;
+        }
+    }
+    want
+}
+
 fn check(s: &Store, m: &BTreeMap<String, M>) {
     let real: BTreeMap<String, M> = s
         .walk()
@@ -78,12 +89,7 @@ fn check(s: &Store, m: &BTreeMap<String, M>) {
         .collect();
     assert_eq!(&real, m);
     // Reference counts are exactly what the entries use; no blob is stray.
-    let mut want: BTreeMap<BlobId, u64> = BTreeMap::new();
-    for (_, e) in s.walk().unwrap() {
-        if let Kind::File { blob, .. } = e.kind {
-            *want.entry(BlobId(blob)).or_default() += 1;
-        }
-    }
+    let want = uses(s);
     let got: BTreeMap<BlobId, u64> = s.refcounts().unwrap().into_iter().collect();
     assert_eq!(got, want);
     assert_eq!(
@@ -303,12 +309,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                 "round {round}: {p} is neither write {i} nor the one in flight"
             );
         }
-        let mut want: BTreeMap<BlobId, u64> = BTreeMap::new();
-        for (_, e) in s.walk().unwrap() {
-            if let Kind::File { blob, .. } = e.kind {
-                *want.entry(BlobId(blob)).or_default() += 1;
-            }
-        }
+        let want = uses(&s);
         assert_eq!(
             s.blobs.list().unwrap(),
             want.keys().copied().collect::<Vec<_>>(),
