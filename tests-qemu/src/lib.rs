@@ -477,6 +477,14 @@ impl Vm {
         }
     }
 
+    /// Types a command on the console without waiting for it to finish: for
+    /// commands that take the box down (the shell itself is stopped, and may
+    /// never print its end marker).
+    pub fn type_line(&mut self, cmd: &str) -> Result<()> {
+        self.stdin.write_all(format!("{cmd}\n").as_bytes())?;
+        Ok(self.stdin.flush()?)
+    }
+
     /// Runs a shell command that must succeed; returns its output.
     pub fn sh(&mut self, cmd: &str) -> Result<String> {
         let (out, code) = self.shell(cmd)?;

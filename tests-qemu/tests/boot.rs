@@ -153,7 +153,9 @@ fn control_request_reboots_into_the_same_slot() -> Result<()> {
     vm.wait_ready()?;
     let first = vm.status()?.hostname;
     // -no-reboot turns the guest's reboot into a QEMU exit.
-    vm.sh("cloudlet reboot")?;
+    // The console shell is stopped by the reboot it asks for: do not wait on it.
+    vm.type_line("cloudlet reboot")?;
+    vm.wait_console("reason=\"control request\"", Duration::from_secs(30))?;
     vm.wait_console("data unmounted cleanly", Duration::from_secs(60))?;
     vm.wait_exit(Duration::from_secs(60))?;
     drop(vm);
