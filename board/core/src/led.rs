@@ -207,6 +207,13 @@ mod tests {
     use alloc::vec;
     use embedded_hal_mock::eh1::digital::{Mock, State, Transaction as T};
 
+    /// `n` pin writes alternating high, low, high, ... from high.
+    fn alternating(n: usize) -> Vec<T> {
+        (0..n)
+            .map(|i| T::set(if i % 2 == 0 { State::High } else { State::Low }))
+            .collect()
+    }
+
     fn run(led: &mut Led<Mock>, until: u64) -> Vec<u64> {
         // Wakes only at deadlines, as a board loop would; returns the wake times.
         let mut wakes = Vec::new();
@@ -222,14 +229,7 @@ mod tests {
 
     #[test]
     fn booting_blinks_slowly_then_ready_holds_steady() {
-        let pin = Mock::new(&[
-            T::set(State::High),
-            T::set(State::Low),
-            T::set(State::High),
-            T::set(State::Low),
-            T::set(State::High),
-        ]);
-        let mut led = Led::new(pin, Role::Status);
+        let mut led = Led::new(Mock::new(&alternating(5)), Role::Status);
         led.set(LedState::Booting, 0).unwrap();
         assert_eq!(run(&mut led, 1999), [500, 1000, 1500]);
         // Ready while the LED is off: it turns on and stays on, no more wake-ups.
@@ -240,12 +240,7 @@ mod tests {
 
     #[test]
     fn pairing_blinks_fast_and_updating_double_blinks() {
-        let mut expect = vec![T::set(State::High)];
-        for _ in 0..5 {
-            expect.push(T::set(State::Low));
-            expect.push(T::set(State::High));
-        }
-        let mut led = Led::new(Mock::new(&expect), Role::Status);
+        let mut led = Led::new(Mock::new(&alternating(11)), Role::Status);
         led.set(LedState::Pairing, 0).unwrap();
         assert_eq!(
             run(&mut led, 1000),
@@ -253,14 +248,7 @@ mod tests {
         );
         led.release().done();
 
-        let pin = Mock::new(&[
-            T::set(State::High),
-            T::set(State::Low),
-            T::set(State::High),
-            T::set(State::Low),
-            T::set(State::High),
-        ]);
-        let mut led = Led::new(pin, Role::Status);
+        let mut led = Led::new(Mock::new(&alternating(5)), Role::Status);
         led.set(LedState::Updating, 0).unwrap();
         assert_eq!(run(&mut led, 1000), [100, 200, 300, 1000]);
         led.release().done();

@@ -40,15 +40,19 @@ fn dirs(p: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// Entries of `p` whose name passes `keep`, sorted.
+fn dirs_named(p: &Path, keep: impl Fn(&str) -> bool) -> Vec<std::path::PathBuf> {
+    dirs(p)
+        .into_iter()
+        .filter(|d| d.file_name().is_some_and(|n| keep(&n.to_string_lossy())))
+        .collect()
+}
+
 /// CPU frequency governor on every policy: the first of `prefer` the kernel offers.
 pub fn cpu_governor(sys: &Path, prefer: &[&str]) -> Outcome {
-    let policies: Vec<_> = dirs(&sys.join("devices/system/cpu/cpufreq"))
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("policy"))
-        })
-        .collect();
+    let policies = dirs_named(&sys.join("devices/system/cpu/cpufreq"), |n| {
+        n.starts_with("policy")
+    });
     if policies.is_empty() {
         return unsupported("cpu governor", "no cpufreq policies");
     }
@@ -99,14 +103,7 @@ pub fn usb_autosuspend(sys: &Path) -> Outcome {
 /// Spin-down of USB/SATA disks through runtime PM: suspend after `idle_ms` idle.
 pub fn disk_spindown(sys: &Path, idle_ms: u64) -> Outcome {
     let mut n = 0;
-    for d in dirs(&sys.join("block")) {
-        let name = d
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !name.starts_with("sd") {
-            continue;
-        }
+    for d in dirs_named(&sys.join("block"), |n| n.starts_with("sd")) {
         let power = d.join("device/power");
         let ok = std::fs::write(power.join("autosuspend_delay_ms"), idle_ms.to_string()).is_ok()
             && std::fs::write(power.join("control"), "auto").is_ok();
@@ -131,13 +128,7 @@ pub fn disk_spindown(sys: &Path, idle_ms: u64) -> Outcome {
 /// stays disabled, so there is nothing to switch off; a connected display is
 /// left on (someone is looking at it). Reported either way.
 pub fn hdmi(sys: &Path) -> Outcome {
-    let ports: Vec<_> = dirs(&sys.join("class/drm"))
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().contains("HDMI"))
-        })
-        .collect();
+    let ports = dirs_named(&sys.join("class/drm"), |n| n.contains("HDMI"));
     if ports.is_empty() {
         return unsupported("hdmi off", "no HDMI connectors");
     }
