@@ -9,45 +9,28 @@ use cloudlet_init::manifest::Manifest;
 use cloudlet_init::system::{disk, ext4, kmod, sntp};
 use cloudlet_proto::bootstate::{BootState, Env};
 use cloudlet_proto::control::Request;
+use cloudlet_testkit::Rng;
 
-/// xorshift64*: small, deterministic, good enough to shake parsers.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    /// `seed` with a few bytes flipped, cut or repeated.
-    fn mutate(&mut self, seed: &[u8]) -> Vec<u8> {
-        let mut v = seed.to_vec();
-        for _ in 0..1 + self.below(8) {
-            if v.is_empty() {
-                v.push(self.next() as u8);
-                continue;
-            }
-            let i = self.below(v.len());
-            match self.below(4) {
-                0 => v[i] = self.next() as u8,
-                1 => v.truncate(i),
-                2 => {
-                    let b = v[i];
-                    v.insert(i, b)
-                }
-                _ => v[i] ^= 1 << self.below(8),
-            }
+/// `seed` with a few bytes flipped, cut or repeated.
+fn mutate(r: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..1 + r.below(8) {
+        if v.is_empty() {
+            v.push(r.next_u64() as u8);
+            continue;
         }
-        v
+        let i = r.below(v.len() as u64) as usize;
+        match r.below(4) {
+            0 => v[i] = r.next_u64() as u8,
+            1 => v.truncate(i),
+            2 => {
+                let b = v[i];
+                v.insert(i, b)
+            }
+            _ => v[i] ^= 1 << r.below(8),
+        }
     }
+    v
 }
 
 const ROUNDS: usize = 3000;
@@ -57,7 +40,7 @@ fn boot_state_copies() {
     let mut r = Rng(0x5eed_0001);
     let good = BootState::initial().encode();
     for _ in 0..ROUNDS {
-        let _ = BootState::decode(&r.mutate(&good));
+        let _ = BootState::decode(&mutate(&mut r, &good));
         let _ = Env::decode(&r.bytes(64));
     }
     // A copy whose CRC is right but whose text is nonsense is still only an error.
@@ -88,7 +71,7 @@ exec = ["/sbin/udhcpc"]
 ready = "started"
 "#;
     for _ in 0..ROUNDS {
-        let m = r.mutate(good);
+        let m = mutate(&mut r, good);
         let _ = Manifest::parse(&String::from_utf8_lossy(&m));
     }
 }
@@ -98,7 +81,7 @@ fn control_requests() {
     let mut r = Rng(0x5eed_0003);
     let good = br#"{"op":"logs","service":"sync","lines":10}"#;
     for _ in 0..ROUNDS {
-        let m = r.mutate(good);
+        let m = mutate(&mut r, good);
         let _ = serde_json::from_slice::<Request>(&m);
     }
 }
@@ -113,7 +96,7 @@ fn disk_structures_and_network_replies() {
         let _ = disk::mbr_entry(&b, 1 + r.below(4) as u32);
         let mut m = b.clone();
         m.resize(512, 0);
-        let _ = disk::grow_entry(&mut m, 4, r.next());
+        let _ = disk::grow_entry(&mut m, 4, r.next_u64());
         let _ = sntp::parse_reply(&r.bytes(60));
         let dep = String::from_utf8_lossy(&r.bytes(300)).into_owned();
         let _ = kmod::load_order(

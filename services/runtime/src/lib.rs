@@ -24,6 +24,21 @@ use tokio::net::TcpListener;
 
 pub type Body = Full<Bytes>;
 
+/// What a handler may answer with: a whole body ([`Body`]) or a stream.
+pub trait ResponseBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<T> ResponseBody for T where
+    T: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// Tells init the service is ready. Without init (no `CLOUDLET_READY_FD`) it does nothing.
 pub fn notify_ready() -> std::io::Result<()> {
     let Ok(fd) = std::env::var("CLOUDLET_READY_FD") else {
@@ -100,7 +115,7 @@ pub async fn shutdown_signal() {
 
 /// Binds `addr`, reports ready, serves `handler` until `shutdown` resolves,
 /// then waits (up to `grace`) for requests in flight.
-pub async fn serve<H, F>(
+pub async fn serve<H, F, B>(
     addr: SocketAddr,
     handler: H,
     shutdown: impl Future<Output = ()>,
@@ -108,7 +123,8 @@ pub async fn serve<H, F>(
 ) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
 {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
@@ -117,7 +133,7 @@ where
 }
 
 /// [`serve`] on a listener the caller bound (tests bind port 0).
-pub async fn serve_listener<H, F>(
+pub async fn serve_listener<H, F, B>(
     listener: TcpListener,
     handler: H,
     shutdown: impl Future<Output = ()>,
@@ -125,7 +141,8 @@ pub async fn serve_listener<H, F>(
 ) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
 {
     let handler = Arc::new(handler);
     let tracker = tokio_util_tracker::Tracker::default();
@@ -277,10 +294,11 @@ pub struct ServiceOptions {
 
 /// The usual life of a service: check its state directory, serve `handler`
 /// on its address until SIGTERM, give requests in flight 3 s to finish.
-pub async fn run_service<H, F>(opts: ServiceOptions, handler: H) -> std::io::Result<()>
+pub async fn run_service<H, F, B>(opts: ServiceOptions, handler: H) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
 {
     check_state_dir(&opts.state_dir)?;
     serve(

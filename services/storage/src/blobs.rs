@@ -90,7 +90,7 @@ impl BlobStore {
             match File::options().write(true).create_new(true).open(&path) {
                 Ok(file) => {
                     return Ok(Upload {
-                        file,
+                        file: Some(file),
                         path,
                         hasher: blake3::Hasher::new(),
                         size: 0,
@@ -107,30 +107,34 @@ impl BlobStore {
 
     /// Makes an upload durable under its hash. Content that is already
     /// stored is not written twice.
-    pub fn commit(&self, up: Upload) -> Result<(BlobId, u64), BlobError> {
-        let Upload {
-            file,
-            path,
-            hasher,
-            size,
-        } = up;
-        let id = BlobId(*hasher.finalize().as_bytes());
+    /// Content that is already stored is not written twice. On an error the
+    /// temporary file is gone too.
+    pub fn commit(&self, mut up: Upload) -> Result<(BlobId, u64), BlobError> {
+        let id = BlobId(*up.hasher.finalize().as_bytes());
+        let size = up.size;
         let dest = self.path(&id);
         if dest.exists() {
+            return Ok((id, size)); // `up` removes its file when dropped
+        }
+        let path = up.path.clone();
+        let Some(file) = up.file.take() else {
+            return Err(io("writing", &path)(std::io::ErrorKind::BrokenPipe.into()));
+        };
+        let r = (|| {
+            file.sync_all().map_err(io("syncing", &path))?;
             drop(file);
-            std::fs::remove_file(&path).map_err(io("removing", &path))?;
-            return Ok((id, size));
+            let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+            if !dir.exists() {
+                std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+                sync_dir(&self.root.join("blobs"))?;
+            }
+            std::fs::rename(&path, &dest).map_err(io("renaming into", &dest))?;
+            sync_dir(&dir)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&path);
         }
-        file.sync_all().map_err(io("syncing", &path))?;
-        drop(file);
-        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-        if !dir.exists() {
-            std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-            sync_dir(&self.root.join("blobs"))?;
-        }
-        std::fs::rename(&path, &dest).map_err(io("renaming into", &dest))?;
-        sync_dir(&dir)?;
-        Ok((id, size))
+        r.map(|()| (id, size))
     }
 
     pub fn open_blob(&self, id: &BlobId) -> Result<File, BlobError> {
@@ -169,9 +173,10 @@ impl BlobStore {
     }
 }
 
-/// A blob being written.
+/// A blob being written. Dropped without [`BlobStore::commit`], its
+/// temporary file is removed.
 pub struct Upload {
-    file: File,
+    file: Option<File>,
     path: PathBuf,
     hasher: blake3::Hasher,
     size: u64,
@@ -179,9 +184,12 @@ pub struct Upload {
 
 impl Upload {
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), BlobError> {
-        self.file
-            .write_all(chunk)
-            .map_err(io("writing", &self.path))?;
+        let Some(file) = self.file.as_mut() else {
+            return Err(io("writing", &self.path)(
+                std::io::ErrorKind::BrokenPipe.into(),
+            ));
+        };
+        file.write_all(chunk).map_err(io("writing", &self.path))?;
         self.hasher.update(chunk);
         self.size += chunk.len() as u64;
         Ok(())
@@ -189,6 +197,14 @@ impl Upload {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -213,6 +229,9 @@ mod tests {
         let mut again = s.begin().unwrap();
         again.write(b"hello world").unwrap();
         assert_eq!(s.commit(again).unwrap().0, id);
+        let mut dropped = s.begin().unwrap();
+        dropped.write(b"never committed").unwrap();
+        drop(dropped);
         assert_eq!(s.list().unwrap(), vec![id]);
         assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
         s.remove(&id).unwrap();
@@ -226,7 +245,8 @@ mod tests {
         let s = BlobStore::open(d.path()).unwrap();
         let mut up = s.begin().unwrap();
         up.write(b"half a file").unwrap();
-        drop(up);
+        // A crash leaves the file (a drop would remove it).
+        std::mem::forget(up);
         drop(s);
         let s = BlobStore::open(d.path()).unwrap();
         assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);

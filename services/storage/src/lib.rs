@@ -1,47 +1,187 @@
-//! The storage service. So far: the storage engine ([`meta::Store`]:
-//! metadata in redb over the content-addressed [`blobs::BlobStore`], with
-//! safe paths from [`path`]) and `/health`; WebDAV and Range streaming over
-//! it come next.
+//! The storage service: the household's files over WebDAV at `/files/`, on
+//! the storage engine ([`meta::Store`]: metadata in redb over the
+//! content-addressed [`blobs::BlobStore`], with safe paths from [`path`]),
+//! through the [`dav`] backend.
+//!
+//! Routes (all but `/health` need the credential):
+//! * `/files/...`: WebDAV class 1 and 2; GET streams with byte ranges.
+//! * `GET /api/space`: bytes used, the quota, room left, the disk's free space.
+//! * `PUT /api/quota` with `{"bytes": N}` or `{"bytes": null}`: sets or lifts the quota.
 
 pub mod blobs;
+pub mod dav;
 pub mod meta;
 pub mod path;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use cloudlet_runtime::auth::{unauthorized, Authenticator, TokenAuth};
 use cloudlet_runtime::{health, json, not_found, ServiceOptions};
-use hyper::StatusCode;
+use dav_server::{memls::MemLs, DavHandler};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
 
 pub const NAME: &str = "storage";
+/// Where WebDAV is served.
+pub const FILES_PREFIX: &str = "/files";
+/// Largest `/api` request body.
+const API_BODY_LIMIT: usize = 4096;
+
+pub type ResponseBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn boxed(r: Response<cloudlet_runtime::Body>) -> Response<ResponseBody> {
+    r.map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
+/// Everything a request needs.
+pub struct Storage {
+    store: Arc<meta::Store>,
+    dir: PathBuf,
+    dav: DavHandler,
+    auth: Arc<dyn Authenticator>,
+}
+
+impl Storage {
+    /// Opens the engine in `dir` and sets up WebDAV over it.
+    pub fn open(dir: PathBuf, auth: Arc<dyn Authenticator>) -> Result<Storage, meta::StoreError> {
+        let store = Arc::new(meta::Store::open(&dir)?);
+        let dav = DavHandler::builder()
+            .filesystem(Box::new(dav::StoreFs::new(store.clone(), dir.clone())))
+            .locksystem(MemLs::new())
+            .strip_prefix(FILES_PREFIX)
+            .autoindex(true)
+            .read_buf_size(256 << 10)
+            .build_handler();
+        Ok(Storage {
+            store,
+            dir,
+            dav,
+            auth,
+        })
+    }
+
+    pub fn store(&self) -> &meta::Store {
+        &self.store
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let path = req.uri().path();
+        if path == "/health" {
+            return boxed(health(NAME));
+        }
+        if let Err(e) = self.auth.check(req.headers()) {
+            return boxed(unauthorized(&e));
+        }
+        if path == FILES_PREFIX || path.starts_with("/files/") {
+            if let Some(r) = check_path(path) {
+                return boxed(r);
+            }
+            return self
+                .dav
+                .handle(req)
+                .await
+                .map(|b| b.map_err(std::io::Error::other).boxed_unsync());
+        }
+        boxed(match (req.method(), path) {
+            (&Method::GET, "/") => json(
+                StatusCode::OK,
+                &serde_json::json!({"service": NAME, "webdav": format!("{FILES_PREFIX}/")}),
+            ),
+            (&Method::GET, "/api/space") => self.space().await,
+            (&Method::PUT, "/api/quota") => self.set_quota(req).await,
+            _ => not_found(),
+        })
+    }
+
+    async fn space(&self) -> Response<cloudlet_runtime::Body> {
+        let (store, dir) = (self.store.clone(), self.dir.clone());
+        let r = tokio::task::spawn_blocking(move || -> Result<_, meta::StoreError> {
+            Ok(serde_json::json!({
+                "used_bytes": store.used()?,
+                "quota_bytes": store.quota()?,
+                "room_bytes": dav::room(&store, &dir)?,
+                "disk_available_bytes": dav::disk_available(&dir),
+            }))
+        })
+        .await;
+        match r {
+            Ok(Ok(v)) => json(StatusCode::OK, &v),
+            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+
+    async fn set_quota(&self, req: Request<Incoming>) -> Response<cloudlet_runtime::Body> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct SetQuota {
+            bytes: Option<u64>,
+        }
+        let body = match http_body_util::Limited::new(req.into_body(), API_BODY_LIMIT)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+        };
+        let q: SetQuota = match serde_json::from_slice(&body) {
+            Ok(q) => q,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("expected {{\"bytes\": N or null}}: {e}"),
+                )
+            }
+        };
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.set_quota(q.bytes)).await {
+            Ok(Ok(())) => self.space().await,
+            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+}
+
+/// Refuses, before dav-server sees it, a path that is not UTF-8 or that
+/// [`path::normalize`] would not accept (`..`, NUL, backslash, too long).
+fn check_path(raw: &str) -> Option<Response<cloudlet_runtime::Body>> {
+    let Ok(decoded) = percent_encoding::percent_decode_str(raw).decode_utf8() else {
+        return Some(error(StatusCode::BAD_REQUEST, "the path is not UTF-8"));
+    };
+    match path::normalize(&decoded) {
+        Ok(_) => None,
+        Err(e @ path::PathError::TooLong(_)) => {
+            Some(error(StatusCode::URI_TOO_LONG, &e.to_string()))
+        }
+        Err(e) => Some(error(StatusCode::BAD_REQUEST, &e.to_string())),
+    }
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<cloudlet_runtime::Body> {
+    json(status, &serde_json::json!({"error": msg}))
+}
 
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
-    // Ready only once the engine is open: its database, and the sweep of
-    // whatever a crash left half-done.
-    let dir = opts.state_dir.clone();
-    let store = tokio::task::spawn_blocking(move || meta::Store::open(&dir))
-        .await
-        .map_err(std::io::Error::other)?
-        .map_err(std::io::Error::other)?;
-    let _store = Arc::new(store);
+    cloudlet_runtime::check_state_dir(&opts.state_dir)?;
     // Never serve without a credential: until pairing exists, the box's access token.
     let auth: Arc<dyn Authenticator> = Arc::new(TokenAuth::load_or_create(
         &opts.state_dir.join("access-token"),
     )?);
+    // Ready only once the engine is open: its database, and the sweep of
+    // whatever a crash left half-done.
+    let dir = opts.state_dir.clone();
+    let storage = tokio::task::spawn_blocking(move || Storage::open(dir, auth))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
+    let storage = Arc::new(storage);
     cloudlet_runtime::run_service(opts, move |req| {
-        let auth = auth.clone();
-        async move {
-            if req.uri().path() == "/health" {
-                return health(NAME);
-            }
-            if let Err(e) = auth.check(req.headers()) {
-                return unauthorized(&e);
-            }
-            match req.uri().path() {
-                "/" => json(StatusCode::OK, &serde_json::json!({"service": NAME})),
-                _ => not_found(),
-            }
-        }
+        let storage = storage.clone();
+        async move { storage.handle(req).await }
     })
     .await
 }

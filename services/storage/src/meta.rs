@@ -1,7 +1,9 @@
 //! File and folder metadata in redb, over the blob store.
 //!
 //! Tables: `entries` maps a normalized path ("" is the root, "a/b.txt") to
-//! its [`Entry`]; `refs` counts how many entries use each blob. Every change
+//! its [`Entry`]; `refs` counts how many entries use each blob; `counters`
+//! holds the bytes the stored blobs take ("used") and the box's quota
+//! ("quota", absent when there is none). Every change
 //! is one redb write transaction (durable at commit). Blobs whose count falls
 //! to zero are deleted after the commit; a crash in between leaves an
 //! unreferenced blob, which [`Store::open`] sweeps away. So a file is either
@@ -17,6 +19,9 @@ use crate::path::{normalize, parent, PathError};
 
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const REFS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("refs");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const USED: &str = "used";
+const QUOTA: &str = "quota";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
@@ -28,11 +33,24 @@ pub enum Kind {
     },
 }
 
+/// A dead property a client set with PROPPATCH, kept with its entry (so it
+/// moves and copies with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prop {
+    pub namespace: Option<String>,
+    pub prefix: Option<String>,
+    pub name: String,
+    /// The property element as the client sent it, XML.
+    pub xml: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub kind: Kind,
     /// Seconds since the epoch.
     pub mtime: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub props: Vec<Prop>,
 }
 
 impl Entry {
@@ -71,6 +89,22 @@ pub enum StoreError {
     /// a folder cannot be moved or copied into itself
     #[error("{0:?} cannot go inside itself")]
     IntoItself(String),
+    /// storing this would pass the box's quota
+    #[error("the quota of {quota} bytes would be passed ({used} used, {more} more)")]
+    OverQuota { quota: u64, used: u64, more: u64 },
+}
+
+impl StoreError {
+    /// True when the disk itself is full (ENOSPC/EDQUOT) somewhere below.
+    pub fn disk_full(&self) -> bool {
+        let io = match self {
+            StoreError::Blob(BlobError::Io { source, .. }) => Some(source),
+            StoreError::Db(redb::Error::Io(e)) => Some(e),
+            _ => None,
+        };
+        io.and_then(|e| e.raw_os_error())
+            .is_some_and(|n| n == nix::libc::ENOSPC || n == nix::libc::EDQUOT)
+    }
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -99,27 +133,56 @@ pub struct Store {
 
 type Entries<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 type Refs<'t> = redb::Table<'t, &'static [u8; 32], u64>;
+type Counters<'t> = redb::Table<'t, &'static str, u64>;
 
-/// Adds `delta` to a blob's count; returns the blobs that reached zero.
-fn adjust(
-    refs: &mut Refs<'_>,
-    blob: &[u8; 32],
-    delta: i64,
-    freed: &mut Vec<BlobId>,
-) -> Result<(), StoreError> {
-    let old = refs
-        .get(blob)
-        .map_err(dberr)?
-        .map(|g| g.value())
-        .unwrap_or(0);
-    let new = (old as i64 + delta).max(0) as u64;
-    if new == 0 {
-        refs.remove(blob).map_err(dberr)?;
-        freed.push(BlobId(*blob));
-    } else {
-        refs.insert(blob, new).map_err(dberr)?;
+/// The tables of one write transaction, and the blobs it frees.
+struct Tx<'t> {
+    entries: Entries<'t>,
+    refs: Refs<'t>,
+    counters: Counters<'t>,
+    freed: Vec<BlobId>,
+}
+
+impl Tx<'_> {
+    fn counter(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.counters.get(name).map_err(dberr)?.map(|g| g.value()))
     }
-    Ok(())
+
+    /// Adds `delta` to the count of a blob of `size` bytes, keeping the
+    /// bytes used in step; a blob that reaches zero is freed after the
+    /// commit, one that comes back to life in the same change is kept.
+    fn adjust(&mut self, blob: &[u8; 32], size: u64, delta: i64) -> Result<(), StoreError> {
+        let old = self
+            .refs
+            .get(blob)
+            .map_err(dberr)?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        let new = (old as i64 + delta).max(0) as u64;
+        let used = self.counter(USED)?.unwrap_or(0);
+        if new == 0 {
+            self.refs.remove(blob).map_err(dberr)?;
+            self.freed.push(BlobId(*blob));
+        } else {
+            self.refs.insert(blob, new).map_err(dberr)?;
+            self.freed.retain(|f| f.0 != *blob);
+        }
+        let used = match (old, new) {
+            (0, n) if n > 0 => used.saturating_add(size),
+            (o, 0) if o > 0 => used.saturating_sub(size),
+            _ => used,
+        };
+        self.counters.insert(USED, used).map_err(dberr)?;
+        Ok(())
+    }
+
+    /// Releases (`delta` -1) or adds (+1) a reference for each file in `entry`.
+    fn reference(&mut self, entry: &Entry, delta: i64) -> Result<(), StoreError> {
+        if let Kind::File { blob, size, .. } = &entry.kind {
+            self.adjust(blob, *size, delta)?;
+        }
+        Ok(())
+    }
 }
 
 fn get<T: ReadableTable<&'static str, &'static [u8]>>(
@@ -160,20 +223,29 @@ fn descendants<T: ReadableTable<&'static str, &'static [u8]>>(
 }
 
 /// Removes `path` (whose entry is `entry`) and everything under it, releasing their blobs.
-fn remove_tree(
-    entries: &mut Entries<'_>,
-    refs: &mut Refs<'_>,
-    freed: &mut Vec<BlobId>,
-    path: &str,
-    entry: Entry,
-) -> Result<(), StoreError> {
+fn remove_tree(tx: &mut Tx<'_>, path: &str, entry: Entry) -> Result<(), StoreError> {
     let mut gone = vec![(path.to_owned(), entry)];
-    gone.extend(descendants(entries, path)?);
+    gone.extend(descendants(&tx.entries, path)?);
     for (p, e) in gone {
-        if let Kind::File { blob, .. } = e.kind {
-            adjust(refs, &blob, -1, freed)?;
-        }
-        entries.remove(p.as_str()).map_err(dberr)?;
+        tx.reference(&e, -1)?;
+        tx.entries.remove(p.as_str()).map_err(dberr)?;
+    }
+    Ok(())
+}
+
+fn put_entry(tx: &mut Tx<'_>, path: &str, e: &Entry) -> Result<(), StoreError> {
+    tx.entries
+        .insert(path, encode(e).as_slice())
+        .map_err(dberr)?;
+    Ok(())
+}
+
+/// The folder's mtime moves when its members change (and with it its ETag).
+fn touch_parent(tx: &mut Tx<'_>, path: &str) -> Result<(), StoreError> {
+    let dir = parent(path).to_owned();
+    if let Some(mut e) = get(&tx.entries, &dir)? {
+        e.mtime = now();
+        put_entry(tx, &dir, &e)?;
     }
     Ok(())
 }
@@ -185,6 +257,19 @@ fn require_parent(entries: &Entries<'_>, path: &str) -> Result<(), StoreError> {
         }) => Ok(()),
         _ => Err(StoreError::NoParent(path.to_owned())),
     }
+}
+
+fn dir_entry() -> Entry {
+    Entry {
+        kind: Kind::Dir,
+        mtime: now(),
+        props: Vec::new(),
+    }
+}
+
+/// A dead property's key: its namespace and name.
+fn same_prop(a: &Prop, namespace: &Option<String>, name: &str) -> bool {
+    a.namespace == *namespace && a.name == name
 }
 
 impl Store {
@@ -199,24 +284,22 @@ impl Store {
         let db = Database::create(dir.join("metadata.redb")).map_err(dberr)?;
         let blobs = BlobStore::open(dir)?;
         let s = Store { db, blobs };
-        let txn = s.db.begin_write().map_err(dberr)?;
-        {
-            let mut entries = txn.open_table(ENTRIES).map_err(dberr)?;
-            txn.open_table(REFS).map_err(dberr)?;
-            if entries.get("").map_err(dberr)?.is_none() {
-                entries
-                    .insert(
-                        "",
-                        encode(&Entry {
-                            kind: Kind::Dir,
-                            mtime: now(),
-                        })
-                        .as_slice(),
-                    )
-                    .map_err(dberr)?;
+        s.write(|tx| {
+            if get(&tx.entries, "")?.is_none() {
+                put_entry(tx, "", &dir_entry())?;
             }
-        }
-        txn.commit().map_err(dberr)?;
+            if tx.counter(USED)?.is_none() {
+                // A store from before the counter: count what the blobs hold.
+                let mut used = 0u64;
+                for item in tx.refs.iter().map_err(dberr)? {
+                    let (k, _) = item.map_err(dberr)?;
+                    let p = s.blobs.path(&BlobId(*k.value()));
+                    used += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                }
+                tx.counters.insert(USED, used).map_err(dberr)?;
+            }
+            Ok(())
+        })?;
         s.sweep()?;
         Ok(s)
     }
@@ -240,11 +323,7 @@ impl Store {
         let path = normalize(path)?;
         let txn = self.db.begin_read().map_err(dberr)?;
         let entries = txn.open_table(ENTRIES).map_err(dberr)?;
-        let e = entries
-            .get(path.as_str())
-            .map_err(dberr)?
-            .and_then(|g| decode(g.value()));
-        Ok(e)
+        get(&entries, &path)
     }
 
     /// Direct children of a folder, by name.
@@ -268,22 +347,13 @@ impl Store {
 
     pub fn mkdir(&self, path: &str) -> Result<(), StoreError> {
         let path = normalize(path)?;
-        self.write(|entries, _, _| {
-            if get(entries, &path)?.is_some() {
+        self.write(|tx| {
+            if get(&tx.entries, &path)?.is_some() {
                 return Err(StoreError::Exists(path.clone()));
             }
-            require_parent(entries, &path)?;
-            entries
-                .insert(
-                    path.as_str(),
-                    encode(&Entry {
-                        kind: Kind::Dir,
-                        mtime: now(),
-                    })
-                    .as_slice(),
-                )
-                .map_err(dberr)?;
-            Ok(())
+            require_parent(&tx.entries, &path)?;
+            put_entry(tx, &path, &dir_entry())?;
+            touch_parent(tx, &path)
         })
     }
 
@@ -292,40 +362,51 @@ impl Store {
         Ok(self.blobs.begin()?)
     }
 
-    /// Makes `up` the content of `path` (replacing a file there). Returns
-    /// once both content and metadata are durable: the write is acknowledged.
+    /// Makes `up` the content of `path` (replacing a file there, keeping its
+    /// properties). Returns once both content and metadata are durable: the
+    /// write is acknowledged. Refused, with nothing stored, when it would
+    /// pass the quota.
     pub fn put(&self, path: &str, up: Upload, content_type: &str) -> Result<Entry, StoreError> {
         let path = normalize(path)?;
         if path.is_empty() {
             return Err(StoreError::IsDir(path));
         }
         let (id, size) = self.blobs.commit(up)?;
-        let entry = Entry {
+        let mut entry = Entry {
             kind: Kind::File {
                 size,
                 blob: id.0,
                 content_type: content_type.to_owned(),
             },
             mtime: now(),
+            props: Vec::new(),
         };
-        let e2 = entry.clone();
-        let r = self.write(|entries, refs, freed| {
-            require_parent(entries, &path)?;
-            match get(entries, &path)? {
-                Some(Entry {
-                    kind: Kind::Dir, ..
-                }) => return Err(StoreError::IsDir(path.clone())),
-                Some(Entry {
-                    kind: Kind::File { blob, .. },
-                    ..
-                }) => adjust(refs, &blob, -1, freed)?,
-                None => {}
+        let r = self.write(|tx| {
+            require_parent(&tx.entries, &path)?;
+            let old = get(&tx.entries, &path)?;
+            if let Some(old) = &old {
+                if old.kind == Kind::Dir {
+                    return Err(StoreError::IsDir(path.clone()));
+                }
+                entry.props = old.props.clone();
+                tx.reference(old, -1)?;
             }
-            adjust(refs, &id.0, 1, freed)?;
-            freed.retain(|f| *f != id);
-            entries
-                .insert(path.as_str(), encode(&e2).as_slice())
-                .map_err(dberr)?;
+            let before = tx.counter(USED)?.unwrap_or(0);
+            tx.reference(&entry, 1)?;
+            let after = tx.counter(USED)?.unwrap_or(0);
+            if let Some(quota) = tx.counter(QUOTA)? {
+                if after > quota && after > before {
+                    return Err(StoreError::OverQuota {
+                        quota,
+                        used: before,
+                        more: after - before,
+                    });
+                }
+            }
+            put_entry(tx, &path, &entry)?;
+            if old.is_none() {
+                touch_parent(tx, &path)?;
+            }
             Ok(())
         });
         if r.is_err() {
@@ -335,22 +416,38 @@ impl Store {
         r.map(|()| entry)
     }
 
+    /// Makes an empty file at `path` if nothing is there (a LOCK on an
+    /// unmapped URL). Returns whether it made one.
+    pub fn create_empty(&self, path: &str, content_type: &str) -> Result<bool, StoreError> {
+        let path = normalize(path)?;
+        if self.get(&path)?.is_some() {
+            return Ok(false);
+        }
+        let up = self.begin()?;
+        match self.put(&path, up, content_type) {
+            Ok(_) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes a file, or a folder with everything in it.
     pub fn remove(&self, path: &str) -> Result<(), StoreError> {
         let path = normalize(path)?;
         if path.is_empty() {
             return Err(StoreError::IsDir(path));
         }
-        self.write(|entries, refs, freed| {
-            let Some(e) = get(entries, &path)? else {
+        self.write(|tx| {
+            let Some(e) = get(&tx.entries, &path)? else {
                 return Err(StoreError::NotFound(path.clone()));
             };
-            remove_tree(entries, refs, freed, &path, e)
+            remove_tree(tx, &path, e)?;
+            touch_parent(tx, &path)
         })
     }
 
     /// Copies (`keep = true`) or moves `from` to `to`. With `overwrite`, what
-    /// is at `to` is replaced; otherwise that is an error.
+    /// is at `to` is replaced; otherwise that is an error. Content is shared,
+    /// not duplicated, so a copy takes no space.
     pub fn transfer(
         &self,
         from: &str,
@@ -366,60 +463,104 @@ impl Store {
         if to == from || to.starts_with(&format!("{from}/")) {
             return Err(StoreError::IntoItself(from));
         }
-        self.write(|entries, refs, freed| {
-            let Some(src) = get(entries, &from)? else {
+        self.write(|tx| {
+            let Some(src) = get(&tx.entries, &from)? else {
                 return Err(StoreError::NotFound(from.clone()));
             };
-            require_parent(entries, &to)?;
-            if let Some(old) = get(entries, &to)? {
+            require_parent(&tx.entries, &to)?;
+            if let Some(old) = get(&tx.entries, &to)? {
                 if !overwrite {
                     return Err(StoreError::Exists(to.clone()));
                 }
-                remove_tree(entries, refs, freed, &to, old)?;
+                remove_tree(tx, &to, old)?;
             }
             let mut items = vec![(from.clone(), src)];
-            items.extend(descendants(entries, &from)?);
+            items.extend(descendants(&tx.entries, &from)?);
             for (p, e) in items {
                 let dest = format!("{to}{}", &p[from.len()..]);
                 if keep {
-                    if let Kind::File { blob, .. } = &e.kind {
-                        adjust(refs, blob, 1, freed)?;
-                    }
+                    tx.reference(&e, 1)?;
                 } else {
-                    entries.remove(p.as_str()).map_err(dberr)?;
+                    tx.entries.remove(p.as_str()).map_err(dberr)?;
                 }
-                entries
-                    .insert(dest.as_str(), encode(&e).as_slice())
-                    .map_err(dberr)?;
+                put_entry(tx, &dest, &e)?;
             }
-            // A blob both freed and re-referenced in this change stays.
-            let live: Vec<BlobId> = freed
-                .iter()
-                .copied()
-                .filter(|b| refs.get(&b.0).ok().flatten().is_some())
-                .collect();
-            freed.retain(|b| !live.contains(b));
+            touch_parent(tx, &to)?;
+            if !keep {
+                touch_parent(tx, &from)?;
+            }
             Ok(())
         })
+    }
+
+    /// Sets (`true`) or removes (`false`) dead properties of `path`, all
+    /// or nothing.
+    pub fn patch_props(&self, path: &str, patch: &[(bool, Prop)]) -> Result<(), StoreError> {
+        let path = normalize(path)?;
+        self.write(|tx| {
+            let Some(mut e) = get(&tx.entries, &path)? else {
+                return Err(StoreError::NotFound(path.clone()));
+            };
+            for (set, p) in patch {
+                e.props.retain(|q| !same_prop(q, &p.namespace, &p.name));
+                if *set {
+                    e.props.push(p.clone());
+                }
+            }
+            put_entry(tx, &path, &e)
+        })
+    }
+
+    /// Bytes the stored content takes (each distinct content counted once).
+    pub fn used(&self) -> Result<u64, StoreError> {
+        self.counter(USED).map(|v| v.unwrap_or(0))
+    }
+
+    /// The box's quota in bytes, if one is set.
+    pub fn quota(&self) -> Result<Option<u64>, StoreError> {
+        self.counter(QUOTA)
+    }
+
+    /// Sets (or with `None` lifts) the quota. Content already stored stays
+    /// even when it is over the new quota; only new content is refused.
+    pub fn set_quota(&self, quota: Option<u64>) -> Result<(), StoreError> {
+        self.write(|tx| {
+            match quota {
+                Some(q) => tx.counters.insert(QUOTA, q).map(|_| ()),
+                None => tx.counters.remove(QUOTA).map(|_| ()),
+            }
+            .map_err(dberr)
+        })
+    }
+
+    fn counter(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(COUNTERS).map_err(dberr)?;
+        Ok(t.get(name).map_err(dberr)?.map(|g| g.value()))
     }
 
     /// Runs `f` in one write transaction; after the commit, deletes the blobs it freed.
     fn write<F>(&self, f: F) -> Result<(), StoreError>
     where
-        F: FnOnce(&mut Entries<'_>, &mut Refs<'_>, &mut Vec<BlobId>) -> Result<(), StoreError>,
+        F: FnOnce(&mut Tx<'_>) -> Result<(), StoreError>,
     {
         let txn = self.db.begin_write().map_err(dberr)?;
-        let mut freed = Vec::new();
-        {
-            let mut entries = txn.open_table(ENTRIES).map_err(dberr)?;
-            let mut refs = txn.open_table(REFS).map_err(dberr)?;
-            if let Err(e) = f(&mut entries, &mut refs, &mut freed) {
-                drop(entries);
-                drop(refs);
-                let _ = txn.abort();
-                return Err(e);
+        let freed = {
+            let mut tx = Tx {
+                entries: txn.open_table(ENTRIES).map_err(dberr)?,
+                refs: txn.open_table(REFS).map_err(dberr)?,
+                counters: txn.open_table(COUNTERS).map_err(dberr)?,
+                freed: Vec::new(),
+            };
+            match f(&mut tx) {
+                Ok(()) => tx.freed,
+                Err(e) => {
+                    drop(tx);
+                    let _ = txn.abort();
+                    return Err(e);
+                }
             }
-        }
+        };
         txn.commit().map_err(dberr)?;
         for b in freed {
             self.blobs.remove(&b)?;

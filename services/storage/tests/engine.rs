@@ -15,19 +15,7 @@ use std::time::{Duration, Instant};
 
 use cloudlet_storage::blobs::BlobId;
 use cloudlet_storage::meta::{Kind, Store};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use cloudlet_testkit::Rng;
 
 #[derive(Debug, Clone, PartialEq)]
 enum M {
@@ -95,6 +83,18 @@ fn check(s: &Store, m: &BTreeMap<String, M>) {
     assert_eq!(
         s.blobs.list().unwrap(),
         want.keys().copied().collect::<Vec<_>>()
+    );
+    // The space counter is the distinct contents' bytes.
+    let distinct: BTreeMap<Vec<u8>, ()> = m
+        .values()
+        .filter_map(|v| match v {
+            M::File(d) => Some((d.clone(), ())),
+            M::Dir => None,
+        })
+        .collect();
+    assert_eq!(
+        s.used().unwrap(),
+        distinct.keys().map(|d| d.len() as u64).sum::<u64>()
     );
 }
 
@@ -208,7 +208,7 @@ fn refuses_bad_paths_and_keeps_the_root() {
 fn content(i: u64) -> Vec<u8> {
     let mut r = Rng(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let n = (r.below(64) * 4096 + r.below(4096)) as usize;
-    (0..n).map(|_| r.next() as u8).collect()
+    (0..n).map(|_| r.next_u64() as u8).collect()
 }
 
 fn target(i: u64) -> String {

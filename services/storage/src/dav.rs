@@ -1,0 +1,626 @@
+//! WebDAV over the store: a `dav-server` filesystem backend on [`Store`].
+//!
+//! dav-server speaks the protocol (PROPFIND/PROPPATCH, MKCOL, GET/HEAD with
+//! ranges and conditional headers, PUT, DELETE, COPY/MOVE, LOCK/UNLOCK);
+//! this module gives it our files:
+//!
+//! * a PUT streams into an [`Upload`] (buffered 1 MiB at a time, hashed as it
+//!   goes) and becomes visible only in `flush`, when [`Store::put`] has made
+//!   content and metadata durable: dav-server answers 201/204 after that. A
+//!   PUT that fails or is cut off leaves nothing behind.
+//! * space is checked before the first byte (quota and disk, from
+//!   Content-Length), while streaming, and again in the commit: a full box
+//!   answers 507 Insufficient Storage.
+//! * dead properties live in the entry's metadata, so they copy and move
+//!   with it; ETags are the content hash.
+//!
+//! The store is synchronous; every call runs on tokio's blocking pool.
+
+use std::fmt;
+use std::io::SeekFrom;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes};
+use dav_server::davpath::DavPath;
+use dav_server::fs::{
+    DavDirEntry, DavFile, DavFileSystem, DavMetaData, DavProp, FsError, FsFuture, FsResult,
+    FsStream, OpenOptions, ReadDirMeta,
+};
+use futures_util::FutureExt;
+use http::StatusCode;
+
+use crate::blobs::{BlobId, Upload};
+use crate::meta::{Entry, Kind, Prop, Store, StoreError};
+use crate::path::{normalize, parent, PathError};
+
+/// Bytes gathered from the request before one write to the upload's file.
+const WRITE_CHUNK: usize = 1 << 20;
+/// Space kept free on the data disk for metadata and the rest of the box.
+pub const DISK_RESERVE: u64 = 32 << 20;
+
+/// The files of the box, as dav-server sees them.
+#[derive(Clone)]
+pub struct StoreFs {
+    store: Arc<Store>,
+    /// Where the store lives (for free space).
+    dir: PathBuf,
+}
+
+impl StoreFs {
+    pub fn new(store: Arc<Store>, dir: PathBuf) -> StoreFs {
+        StoreFs { store, dir }
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> FsResult<T>
+    where
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| FsError::GeneralFailure)?
+            .map_err(fs_error)
+    }
+
+    async fn reader(&self, entry: Entry) -> FsResult<Box<dyn DavFile>> {
+        let Kind::File { blob, .. } = &entry.kind else {
+            return Err(FsError::Forbidden);
+        };
+        let blob = BlobId(*blob);
+        let file = self
+            .blocking(move |s| Ok(s.blobs.open_blob(&blob)?))
+            .await?;
+        Ok(Box::new(Reader {
+            meta: Meta(entry),
+            file: Arc::new(file),
+            pos: 0,
+        }))
+    }
+
+    async fn entry(&self, path: String) -> FsResult<Entry> {
+        self.blocking(move |s| s.get(&path))
+            .await?
+            .ok_or(FsError::NotFound)
+    }
+}
+
+/// Free space on the data disk for files: what non-root users could write, less the reserve.
+pub fn disk_available(dir: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let avail = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+    Some(avail.saturating_sub(DISK_RESERVE))
+}
+
+/// Room for new content: the smaller of the quota's and the disk's.
+pub fn room(store: &Store, dir: &std::path::Path) -> Result<u64, StoreError> {
+    let used = store.used()?;
+    let by_quota = store.quota()?.map(|q| q.saturating_sub(used));
+    let by_disk = disk_available(dir);
+    Ok(match (by_quota, by_disk) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => u64::MAX,
+    })
+}
+
+fn fs_error(e: StoreError) -> FsError {
+    if e.disk_full() {
+        return FsError::InsufficientStorage;
+    }
+    match e {
+        StoreError::Path(PathError::TooLong(_)) => FsError::PathTooLong,
+        StoreError::Path(_) => FsError::Forbidden,
+        StoreError::NotFound(_) | StoreError::NoParent(_) => FsError::NotFound,
+        StoreError::Exists(_) => FsError::Exists,
+        StoreError::IsDir(_) | StoreError::IntoItself(_) => FsError::Forbidden,
+        StoreError::OverQuota { .. } => FsError::InsufficientStorage,
+        e => {
+            tracing::error!(error = %e, "storage");
+            FsError::GeneralFailure
+        }
+    }
+}
+
+/// The store's key for a request path: UTF-8, normalized, confined.
+fn key(path: &DavPath) -> FsResult<String> {
+    let raw = std::str::from_utf8(path.as_bytes()).map_err(|_| FsError::Forbidden)?;
+    normalize(raw).map_err(|e| fs_error(StoreError::Path(e)))
+}
+
+fn content_type(key: &str) -> String {
+    mime_guess::from_path(key)
+        .first_raw()
+        .unwrap_or("application/octet-stream")
+        .to_owned()
+}
+
+#[derive(Debug, Clone)]
+struct Meta(Entry);
+
+impl DavMetaData for Meta {
+    fn len(&self) -> u64 {
+        match &self.0.kind {
+            Kind::File { size, .. } => *size,
+            Kind::Dir => 0,
+        }
+    }
+
+    fn modified(&self) -> FsResult<SystemTime> {
+        Ok(UNIX_EPOCH + Duration::from_secs(self.0.mtime))
+    }
+
+    fn is_dir(&self) -> bool {
+        self.0.kind == Kind::Dir
+    }
+
+    fn etag(&self) -> Option<String> {
+        Some(self.0.etag().trim_matches('"').to_owned())
+    }
+}
+
+struct DirEntry {
+    name: String,
+    meta: Meta,
+}
+
+impl DavDirEntry for DirEntry {
+    fn name(&self) -> Vec<u8> {
+        self.name.as_bytes().to_vec()
+    }
+
+    fn metadata(&'_ self) -> FsFuture<'_, Box<dyn DavMetaData>> {
+        let m: Box<dyn DavMetaData> = Box::new(self.meta.clone());
+        futures_util::future::ready(Ok(m)).boxed()
+    }
+}
+
+fn to_prop(p: &DavProp) -> Prop {
+    Prop {
+        namespace: p.namespace.clone(),
+        prefix: p.prefix.clone(),
+        name: p.name.clone(),
+        xml: p
+            .xml
+            .as_deref()
+            .map(|x| String::from_utf8_lossy(x).into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+fn from_prop(p: &Prop, with_value: bool) -> DavProp {
+    DavProp {
+        name: p.name.clone(),
+        prefix: p.prefix.clone(),
+        namespace: p.namespace.clone(),
+        xml: with_value.then(|| p.xml.clone().into_bytes()),
+    }
+}
+
+impl DavFileSystem for StoreFs {
+    fn open<'a>(
+        &'a self,
+        path: &'a DavPath,
+        options: OpenOptions,
+    ) -> FsFuture<'a, Box<dyn DavFile>> {
+        async move {
+            let key = key(path)?;
+            let k = key.clone();
+            let existing = self.blocking(move |s| s.get(&k)).await?;
+            if !options.write {
+                return self.reader(existing.ok_or(FsError::NotFound)?).await;
+            }
+            match &existing {
+                Some(e) if e.kind == Kind::Dir => return Err(FsError::Forbidden),
+                Some(_) if options.create_new => return Err(FsError::Exists),
+                None if !options.create => return Err(FsError::NotFound),
+                _ => {}
+            }
+            if key.is_empty() {
+                return Err(FsError::Forbidden);
+            }
+            let p = parent(&key).to_owned();
+            match self.blocking(move |s| s.get(&p)).await? {
+                Some(e) if e.kind == Kind::Dir => {}
+                _ => return Err(FsError::NotFound),
+            }
+            if options.append {
+                return Err(FsError::NotImplemented);
+            }
+            if !options.truncate {
+                // A LOCK on an unmapped URL makes an empty file (RFC 4918 7.3);
+                // writing into the middle of a file is not supported.
+                if existing.is_some() {
+                    return Err(FsError::NotImplemented);
+                }
+                let (k, ct) = (key.clone(), content_type(&key));
+                self.blocking(move |s| s.create_empty(&k, &ct)).await?;
+                return self.reader(self.entry(key).await?).await;
+            }
+            if let Some(size) = options.size {
+                let dir = self.dir.clone();
+                let room = self.blocking(move |s| room(s, &dir)).await?;
+                let replaced = match &existing {
+                    Some(Entry {
+                        kind: Kind::File { size, .. },
+                        ..
+                    }) => *size,
+                    _ => 0,
+                };
+                if size > room.saturating_add(replaced) {
+                    return Err(FsError::InsufficientStorage);
+                }
+            }
+            let upload = self.blocking(|s| s.begin()).await?;
+            Ok(Box::new(Writer {
+                fs: self.clone(),
+                content_type: content_type(&key),
+                key,
+                upload: Some(upload),
+                buf: Vec::new(),
+                expected: options.size,
+                done: None,
+            }) as Box<dyn DavFile>)
+        }
+        .boxed()
+    }
+
+    fn read_dir<'a>(
+        &'a self,
+        path: &'a DavPath,
+        _meta: ReadDirMeta,
+    ) -> FsFuture<'a, FsStream<Box<dyn DavDirEntry>>> {
+        async move {
+            let key = key(path)?;
+            let list = self.blocking(move |s| s.list(&key)).await?;
+            let items: Vec<FsResult<Box<dyn DavDirEntry>>> = list
+                .into_iter()
+                .map(|(name, e)| {
+                    Ok(Box::new(DirEntry {
+                        name,
+                        meta: Meta(e),
+                    }) as Box<dyn DavDirEntry>)
+                })
+                .collect();
+            Ok(Box::pin(futures_util::stream::iter(items)) as FsStream<Box<dyn DavDirEntry>>)
+        }
+        .boxed()
+    }
+
+    fn metadata<'a>(&'a self, path: &'a DavPath) -> FsFuture<'a, Box<dyn DavMetaData>> {
+        async move {
+            let e = self.entry(key(path)?).await?;
+            Ok(Box::new(Meta(e)) as Box<dyn DavMetaData>)
+        }
+        .boxed()
+    }
+
+    fn create_dir<'a>(&'a self, path: &'a DavPath) -> FsFuture<'a, ()> {
+        async move {
+            let key = key(path)?;
+            self.blocking(move |s| s.mkdir(&key)).await
+        }
+        .boxed()
+    }
+
+    fn remove_dir<'a>(&'a self, path: &'a DavPath) -> FsFuture<'a, ()> {
+        async move {
+            let key = key(path)?;
+            // dav-server empties a folder (minus anything locked) before removing it.
+            self.blocking(move |s| {
+                if !s.list(&key)?.is_empty() {
+                    return Err(StoreError::Exists(key));
+                }
+                s.remove(&key)
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn remove_file<'a>(&'a self, path: &'a DavPath) -> FsFuture<'a, ()> {
+        async move {
+            let key = key(path)?;
+            self.blocking(move |s| match s.get(&key)? {
+                Some(e) if e.kind == Kind::Dir => Err(StoreError::IsDir(key)),
+                Some(_) => s.remove(&key),
+                None => Err(StoreError::NotFound(key)),
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn rename<'a>(&'a self, from: &'a DavPath, to: &'a DavPath) -> FsFuture<'a, ()> {
+        async move {
+            let (from, to) = (key(from)?, key(to)?);
+            self.blocking(move |s| {
+                // A file there is replaced; a folder is an error (dav-server
+                // has already removed it when the client asked to overwrite).
+                let overwrite = match s.get(&to)? {
+                    Some(e) if e.kind == Kind::Dir => return Err(StoreError::Exists(to)),
+                    Some(_) => true,
+                    None => false,
+                };
+                s.transfer(&from, &to, overwrite, false)
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn copy<'a>(&'a self, from: &'a DavPath, to: &'a DavPath) -> FsFuture<'a, ()> {
+        async move {
+            let (from, to) = (key(from)?, key(to)?);
+            self.blocking(move |s| s.transfer(&from, &to, true, true))
+                .await
+        }
+        .boxed()
+    }
+
+    fn have_props<'a>(
+        &'a self,
+        _path: &'a DavPath,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        futures_util::future::ready(true).boxed()
+    }
+
+    fn patch_props<'a>(
+        &'a self,
+        path: &'a DavPath,
+        patch: Vec<(bool, DavProp)>,
+    ) -> FsFuture<'a, Vec<(StatusCode, DavProp)>> {
+        async move {
+            let key = key(path)?;
+            let ours: Vec<(bool, Prop)> = patch.iter().map(|(set, p)| (*set, to_prop(p))).collect();
+            self.blocking(move |s| s.patch_props(&key, &ours)).await?;
+            Ok(patch
+                .into_iter()
+                .map(|(_, mut p)| {
+                    p.xml = None;
+                    (StatusCode::OK, p)
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn get_props<'a>(&'a self, path: &'a DavPath, do_content: bool) -> FsFuture<'a, Vec<DavProp>> {
+        async move {
+            let e = self.entry(key(path)?).await?;
+            Ok(e.props.iter().map(|p| from_prop(p, do_content)).collect())
+        }
+        .boxed()
+    }
+
+    fn get_prop<'a>(&'a self, path: &'a DavPath, prop: DavProp) -> FsFuture<'a, Vec<u8>> {
+        async move {
+            let e = self.entry(key(path)?).await?;
+            e.props
+                .iter()
+                .find(|p| p.namespace == prop.namespace && p.name == prop.name)
+                .map(|p| p.xml.clone().into_bytes())
+                .ok_or(FsError::NotFound)
+        }
+        .boxed()
+    }
+
+    fn get_quota(&'_ self) -> FsFuture<'_, (u64, Option<u64>)> {
+        async move {
+            let dir = self.dir.clone();
+            let (used, room) = self
+                .blocking(move |s| Ok((s.used()?, room(s, &dir)?)))
+                .await?;
+            Ok((used, Some(used.saturating_add(room))))
+        }
+        .boxed()
+    }
+}
+
+/// A file opened for reading: its blob, read at an offset.
+struct Reader {
+    meta: Meta,
+    file: Arc<std::fs::File>,
+    pos: u64,
+}
+
+impl fmt::Debug for Reader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reader").field("pos", &self.pos).finish()
+    }
+}
+
+impl DavFile for Reader {
+    fn metadata(&'_ mut self) -> FsFuture<'_, Box<dyn DavMetaData>> {
+        let m: Box<dyn DavMetaData> = Box::new(self.meta.clone());
+        futures_util::future::ready(Ok(m)).boxed()
+    }
+
+    fn write_buf(&'_ mut self, _buf: Box<dyn Buf + Send>) -> FsFuture<'_, ()> {
+        futures_util::future::ready(Err(FsError::Forbidden)).boxed()
+    }
+
+    fn write_bytes(&'_ mut self, _buf: Bytes) -> FsFuture<'_, ()> {
+        futures_util::future::ready(Err(FsError::Forbidden)).boxed()
+    }
+
+    fn read_bytes(&'_ mut self, count: usize) -> FsFuture<'_, Bytes> {
+        async move {
+            let (file, pos) = (self.file.clone(), self.pos);
+            let len = count.min(self.meta.len().saturating_sub(pos) as usize);
+            let data = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                let mut got = 0;
+                while got < len {
+                    match file.read_at(&mut buf[got..], pos + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return Err(FsError::GeneralFailure),
+                    }
+                }
+                buf.truncate(got);
+                Ok(buf)
+            })
+            .await
+            .map_err(|_| FsError::GeneralFailure)??;
+            self.pos += data.len() as u64;
+            Ok(Bytes::from(data))
+        }
+        .boxed()
+    }
+
+    fn seek(&'_ mut self, pos: SeekFrom) -> FsFuture<'_, u64> {
+        let len = self.meta.len() as i128;
+        let new = match pos {
+            SeekFrom::Start(n) => n as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+            SeekFrom::End(d) => len + d as i128,
+        };
+        let r = if (0..=len).contains(&new) {
+            self.pos = new as u64;
+            Ok(self.pos)
+        } else {
+            Err(FsError::GeneralFailure)
+        };
+        futures_util::future::ready(r).boxed()
+    }
+
+    fn flush(&'_ mut self) -> FsFuture<'_, ()> {
+        futures_util::future::ready(Ok(())).boxed()
+    }
+}
+
+/// A file being written by a PUT: nothing is visible until `flush` commits it.
+struct Writer {
+    fs: StoreFs,
+    key: String,
+    content_type: String,
+    upload: Option<Upload>,
+    buf: Vec<u8>,
+    /// The Content-Length the client announced.
+    expected: Option<u64>,
+    /// The committed entry, once flushed.
+    done: Option<Entry>,
+}
+
+impl fmt::Debug for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Writer").field("key", &self.key).finish()
+    }
+}
+
+impl Writer {
+    fn written(&self) -> u64 {
+        self.upload.as_ref().map(Upload::size).unwrap_or(0) + self.buf.len() as u64
+    }
+
+    /// Writes the gathered bytes to the upload's file, checking for room.
+    async fn drain(&mut self) -> FsResult<()> {
+        let mut up = self.upload.take().ok_or(FsError::GeneralFailure)?;
+        let buf = std::mem::take(&mut self.buf);
+        let dir = self.fs.dir.clone();
+        let unannounced = self.expected.is_none();
+        let (up, buf) = self
+            .fs
+            .blocking(move |s| {
+                // Without a Content-Length the size is learnt as it comes.
+                if unannounced && up.size() + buf.len() as u64 > room(s, &dir)? {
+                    return Err(StoreError::OverQuota {
+                        quota: s.quota()?.unwrap_or(0),
+                        used: s.used()?,
+                        more: up.size() + buf.len() as u64,
+                    });
+                }
+                up.write(&buf)?;
+                Ok((up, buf))
+            })
+            .await?;
+        self.upload = Some(up);
+        self.buf = buf;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl DavFile for Writer {
+    fn metadata(&'_ mut self) -> FsFuture<'_, Box<dyn DavMetaData>> {
+        let entry = self.done.clone().unwrap_or(Entry {
+            kind: Kind::File {
+                size: self.written(),
+                blob: [0; 32],
+                content_type: self.content_type.clone(),
+            },
+            mtime: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            props: Vec::new(),
+        });
+        let m: Box<dyn DavMetaData> = Box::new(Meta(entry));
+        futures_util::future::ready(Ok(m)).boxed()
+    }
+
+    fn write_buf(&'_ mut self, mut buf: Box<dyn Buf + Send>) -> FsFuture<'_, ()> {
+        let bytes = buf.copy_to_bytes(buf.remaining());
+        self.write_bytes(bytes)
+    }
+
+    fn write_bytes(&'_ mut self, buf: Bytes) -> FsFuture<'_, ()> {
+        async move {
+            if self.upload.is_none() {
+                return Err(FsError::Forbidden);
+            }
+            if self
+                .expected
+                .is_some_and(|n| self.written() + buf.len() as u64 > n)
+            {
+                return Err(FsError::TooLarge);
+            }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(WRITE_CHUNK);
+            }
+            self.buf.extend_from_slice(&buf);
+            if self.buf.len() >= WRITE_CHUNK {
+                self.drain().await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn read_bytes(&'_ mut self, _count: usize) -> FsFuture<'_, Bytes> {
+        futures_util::future::ready(Err(FsError::Forbidden)).boxed()
+    }
+
+    fn seek(&'_ mut self, _pos: SeekFrom) -> FsFuture<'_, u64> {
+        // Writing at an offset (partial PUT) is not supported.
+        futures_util::future::ready(Err(FsError::NotImplemented)).boxed()
+    }
+
+    fn flush(&'_ mut self) -> FsFuture<'_, ()> {
+        async move {
+            if self.done.is_some() {
+                return Ok(());
+            }
+            if !self.buf.is_empty() {
+                self.drain().await?;
+            }
+            let up = self.upload.take().ok_or(FsError::GeneralFailure)?;
+            if self.expected.is_some_and(|n| n != up.size()) {
+                // Short of what was announced: never make it visible.
+                return Err(FsError::GeneralFailure);
+            }
+            let (key, ct) = (self.key.clone(), self.content_type.clone());
+            let entry = self.fs.blocking(move |s| s.put(&key, up, &ct)).await?;
+            self.done = Some(entry);
+            self.buf = Vec::new();
+            Ok(())
+        }
+        .boxed()
+    }
+}

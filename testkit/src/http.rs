@@ -1,0 +1,132 @@
+//! A blocking HTTP/1.1 client for tests: one request per connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// The body of a request.
+pub enum Body<'a> {
+    None,
+    /// Sent with Content-Length.
+    Bytes(&'a [u8]),
+    /// Sent with Transfer-Encoding: chunked, in pieces of this size.
+    Chunked(&'a [u8], usize),
+}
+
+/// Sends one request (with `Connection: close`) and reads the whole answer.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: cloudlet\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    match body {
+        Body::None => {}
+        Body::Bytes(b) => head.push_str(&format!("Content-Length: {}\r\n", b.len())),
+        Body::Chunked(..) => head.push_str("Transfer-Encoding: chunked\r\n"),
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    // A server may answer (507, 401) before reading the body and close: what
+    // it said still counts, so write errors give way to its answer.
+    let sent = match body {
+        Body::None => Ok(()),
+        Body::Bytes(b) => s.write_all(b),
+        Body::Chunked(b, n) => (|| {
+            for c in b.chunks(n.max(1)) {
+                write!(s, "{:x}\r\n", c.len())?;
+                s.write_all(c)?;
+                s.write_all(b"\r\n")?;
+            }
+            s.write_all(b"0\r\n\r\n")
+        })(),
+    };
+    match read_response(&mut s, method == "HEAD") {
+        Ok(r) => Ok(r),
+        Err(e) => Err(sent.err().unwrap_or(e)),
+    }
+}
+
+fn read_response(s: &mut TcpStream, head_only: bool) -> std::io::Result<Response> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad(&format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').ok_or_else(|| bad(l))?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    let mut resp = Response {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if head_only || status == 204 || status == 304 {
+        return Ok(resp);
+    }
+    if resp
+        .header("transfer-encoding")
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let n = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| bad(&format!("bad chunk size {line:?}")))?;
+            if n == 0 {
+                break;
+            }
+            let start = resp.body.len();
+            resp.body.resize(start + n, 0);
+            r.read_exact(&mut resp.body[start..])?;
+            line.clear();
+            r.read_line(&mut line)?;
+        }
+    } else if let Some(n) = resp.header("content-length").and_then(|n| n.parse().ok()) {
+        resp.body.resize(n, 0);
+        r.read_exact(&mut resp.body)?;
+    } else {
+        r.read_to_end(&mut resp.body)?;
+    }
+    Ok(resp)
+}
