@@ -230,7 +230,7 @@ impl Vm {
         // restrict=on: the box reaches nothing but the forwarded ports.
         .arg("-netdev")
         .arg(format!("user,id=n0,restrict=on{fwd}"))
-        .args(["-device", "virtio-net-pci,netdev=n0"])
+        .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
         // The board: a keyboard whose keys are the button, the LED panel
         // on a virtio-serial port, and a watchdog.
         .args([
