@@ -159,6 +159,10 @@ where
                         continue;
                     }
                 };
+                // Answers go out as soon as they are written: a response head
+                // and a small body in two writes must not wait on Nagle and the
+                // peer's delayed ACK (40 ms per small file otherwise).
+                let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let guard = tracker.enter();
                 tokio::spawn(async move {

@@ -74,11 +74,7 @@ impl StoreFs {
         let file = self
             .blocking(move |s| Ok(s.blobs.open_blob(&blob)?))
             .await?;
-        Ok(Box::new(Reader {
-            meta: Meta(entry),
-            file: Arc::new(file),
-            pos: 0,
-        }))
+        Ok(Box::new(Reader::new(Meta(entry), file)))
     }
 
     async fn entry(&self, path: String) -> FsResult<Entry> {
@@ -377,7 +373,7 @@ impl DavFileSystem for StoreFs {
         async move {
             let key = key(path)?;
             let ours: Vec<(bool, Prop)> = patch.iter().map(|(set, p)| (*set, to_prop(p))).collect();
-            self.blocking(move |s| s.patch_props(&key, &ours)).await?;
+            self.blocking(move |s| s.patch_props(&key, ours)).await?;
             Ok(patch
                 .into_iter()
                 .map(|(_, mut p)| {
@@ -421,16 +417,116 @@ impl DavFileSystem for StoreFs {
     }
 }
 
-/// A file opened for reading: its blob, read at an offset.
+/// A chunk of a file being read on the blocking pool.
+type ChunkRead = tokio::task::JoinHandle<FsResult<Bytes>>;
+
+/// Files at least this big are sent from a memory map of their blob.
+const MAP_MIN: u64 = 256 << 10;
+
+/// A blob mapped into memory, shared by the chunks sent from it.
+struct MapOwner(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Where a file's bytes come from.
+enum Source {
+    /// Read into a buffer (small files).
+    File(Arc<std::fs::File>),
+    /// Sent straight from the page cache: one copy fewer, no buffers. The
+    /// whole map, as [`Bytes`] that chunks are cut from.
+    Map(Arc<memmap2::Mmap>, Bytes),
+}
+
+/// A file opened for reading. While one chunk goes out to the client the
+/// next is already being read (a sequential GET keeps the disk and the
+/// network busy at once).
 struct Reader {
     meta: Meta,
-    file: Arc<std::fs::File>,
+    source: Source,
     pos: u64,
+    /// The chunk being read ahead: where, how much, and the read.
+    ahead: Option<(u64, usize, ChunkRead)>,
 }
 
 impl fmt::Debug for Reader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reader").field("pos", &self.pos).finish()
+    }
+}
+
+impl Reader {
+    fn new(meta: Meta, file: std::fs::File) -> Reader {
+        let source = if meta.len() >= MAP_MIN {
+            // SAFETY: a blob is never written after it is renamed into
+            // place (its name is its content's hash); it is only ever
+            // unlinked, which leaves an existing map intact. So the mapped
+            // bytes cannot change under us.
+            match unsafe { memmap2::Mmap::map(&file) } {
+                Ok(m) => {
+                    let m = Arc::new(m);
+                    let _ = m.advise(memmap2::Advice::Sequential);
+                    let bytes = Bytes::from_owner(MapOwner(m.clone()));
+                    Source::Map(m, bytes)
+                }
+                Err(_) => Source::File(Arc::new(file)),
+            }
+        } else {
+            Source::File(Arc::new(file))
+        };
+        Reader {
+            meta,
+            source,
+            pos: 0,
+            ahead: None,
+        }
+    }
+
+    /// Reads `len` bytes at `pos` on the blocking pool: from the map, by
+    /// faulting its pages in there (so the async thread that sends them
+    /// never waits on the disk), or into a buffer from the file.
+    fn start_read(&self, pos: u64, len: usize) -> ChunkRead {
+        match &self.source {
+            Source::Map(map, bytes) => {
+                let (map, chunk) = (map.clone(), bytes.slice(pos as usize..pos as usize + len));
+                tokio::task::spawn_blocking(move || {
+                    let page = 4096usize;
+                    let start = pos as usize / page * page;
+                    let end = (pos as usize + len).min(map.len());
+                    if end > start {
+                        let r = map.advise_range(memmap2::Advice::PopulateRead, start, end - start);
+                        if r.is_err() {
+                            // Older kernels: ask for readahead instead.
+                            let _ = map.advise_range(memmap2::Advice::WillNeed, start, end - start);
+                        }
+                    }
+                    Ok(chunk)
+                })
+            }
+            Source::File(file) => {
+                let file = file.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len];
+                    let mut got = 0;
+                    while got < len {
+                        match file.read_at(&mut buf[got..], pos + got as u64) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                tracing::error!(error = %e, "reading a blob");
+                                return Err(FsError::GeneralFailure);
+                            }
+                        }
+                    }
+                    buf.truncate(got);
+                    Ok(Bytes::from(buf))
+                })
+            }
+        }
     }
 }
 
@@ -450,26 +546,19 @@ impl DavFile for Reader {
 
     fn read_bytes(&'_ mut self, count: usize) -> FsFuture<'_, Bytes> {
         async move {
-            let (file, pos) = (self.file.clone(), self.pos);
-            let len = count.min(self.meta.len().saturating_sub(pos) as usize);
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                let mut got = 0;
-                while got < len {
-                    match file.read_at(&mut buf[got..], pos + got as u64) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => return Err(FsError::GeneralFailure),
-                    }
-                }
-                buf.truncate(got);
-                Ok(buf)
-            })
-            .await
-            .map_err(|_| FsError::GeneralFailure)??;
+            let size = self.meta.len();
+            let len = count.min(size.saturating_sub(self.pos) as usize);
+            let read = match self.ahead.take() {
+                Some((p, n, h)) if p == self.pos && n == len => h,
+                _ => self.start_read(self.pos, len),
+            };
+            let data = read.await.map_err(|_| FsError::GeneralFailure)??;
             self.pos += data.len() as u64;
-            Ok(Bytes::from(data))
+            let next = count.min(size.saturating_sub(self.pos) as usize);
+            if next > 0 && !data.is_empty() {
+                self.ahead = Some((self.pos, next, self.start_read(self.pos, next)));
+            }
+            Ok(data)
         }
         .boxed()
     }

@@ -28,6 +28,9 @@ use hyper::{Method, Request, Response, StatusCode};
 pub const NAME: &str = "storage";
 /// Where WebDAV is served.
 pub const FILES_PREFIX: &str = "/files";
+/// Bytes per read of a file being sent (two are in memory per GET: one
+/// going out, one being read).
+const READ_CHUNK: usize = 1 << 20;
 /// Largest `/api` request body.
 const API_BODY_LIMIT: usize = 4096;
 
@@ -54,7 +57,7 @@ impl Storage {
             .locksystem(MemLs::new())
             .strip_prefix(FILES_PREFIX)
             .autoindex(true)
-            .read_buf_size(256 << 10)
+            .read_buf_size(READ_CHUNK)
             .build_handler();
         Ok(Storage {
             store,

@@ -9,7 +9,9 @@
 //! unreferenced blob, which [`Store::open`] sweeps away. So a file is either
 //! there whole (metadata and content) or not at all.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -129,6 +131,37 @@ fn now() -> u64 {
 pub struct Store {
     db: Database,
     pub blobs: BlobStore,
+    /// Held (shared) from storing an upload's blob until its reference is
+    /// committed; held alone to delete blobs.
+    gate: RwLock<()>,
+    group: Group,
+}
+
+/// A change to the metadata, run in a write transaction; it may run twice
+/// (in a group that fails, then alone), so it must not consume what it captures.
+type Op = Arc<dyn Fn(&mut Tx<'_>) -> OpResult + Send + Sync>;
+/// What a change gives back: the entry it wrote, for those that write one.
+type OpResult = Result<Option<Entry>, StoreError>;
+
+#[derive(Default)]
+struct Group {
+    state: Mutex<GroupState>,
+    wake: Condvar,
+}
+
+impl Group {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct GroupState {
+    queue: Vec<(u64, Op)>,
+    /// A caller is running a group right now.
+    leading: bool,
+    next: u64,
+    done: HashMap<u64, OpResult>,
 }
 
 type Entries<'t> = redb::Table<'t, &'static str, &'static [u8]>;
@@ -283,8 +316,13 @@ impl Store {
         })?;
         let db = Database::create(dir.join("metadata.redb")).map_err(dberr)?;
         let blobs = BlobStore::open(dir)?;
-        let s = Store { db, blobs };
-        s.write(|tx| {
+        let s = Store {
+            db,
+            blobs,
+            gate: RwLock::new(()),
+            group: Group::default(),
+        };
+        s.txn(|tx| {
             if get(&tx.entries, "")?.is_none() {
                 put_entry(tx, "", &dir_entry())?;
             }
@@ -307,6 +345,7 @@ impl Store {
     /// Deletes blobs that no entry references (left by a crash between a
     /// commit and the deletes that follow it, or by an unacknowledged write).
     pub fn sweep(&self) -> Result<usize, StoreError> {
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_read().map_err(dberr)?;
         let refs = txn.open_table(REFS).map_err(dberr)?;
         let mut n = 0;
@@ -347,14 +386,16 @@ impl Store {
 
     pub fn mkdir(&self, path: &str) -> Result<(), StoreError> {
         let path = normalize(path)?;
-        self.write(|tx| {
+        self.change(move |tx| {
             if get(&tx.entries, &path)?.is_some() {
                 return Err(StoreError::Exists(path.clone()));
             }
             require_parent(&tx.entries, &path)?;
             put_entry(tx, &path, &dir_entry())?;
-            touch_parent(tx, &path)
+            touch_parent(tx, &path)?;
+            Ok(None)
         })
+        .map(drop)
     }
 
     /// Starts writing a file's content (see [`Store::put`]).
@@ -371,8 +412,12 @@ impl Store {
         if path.is_empty() {
             return Err(StoreError::IsDir(path));
         }
+        // Between storing the content and referencing it, no blob may be
+        // deleted: an identical blob found in place must still be there when
+        // the reference lands.
+        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let (id, size) = self.blobs.commit(up)?;
-        let mut entry = Entry {
+        let entry = Entry {
             kind: Kind::File {
                 size,
                 blob: id.0,
@@ -381,7 +426,8 @@ impl Store {
             mtime: now(),
             props: Vec::new(),
         };
-        let r = self.write(|tx| {
+        let (r, freed) = self.write(Arc::new(move |tx: &mut Tx<'_>| {
+            let mut entry = entry.clone();
             require_parent(&tx.entries, &path)?;
             let old = get(&tx.entries, &path)?;
             if let Some(old) = &old {
@@ -407,13 +453,19 @@ impl Store {
             if old.is_none() {
                 touch_parent(tx, &path)?;
             }
-            Ok(())
-        });
-        if r.is_err() {
-            // Not referenced: drop it unless another entry uses the same content.
-            let _ = self.sweep();
+            Ok(Some(entry))
+        }));
+        drop(gate);
+        self.release(freed)?;
+        match r {
+            Ok(Some(e)) => Ok(e),
+            Ok(None) => Err(StoreError::NotFound(String::new())),
+            Err(e) => {
+                // Not referenced: drop it unless another entry uses the same content.
+                self.release(vec![id])?;
+                Err(e)
+            }
         }
-        r.map(|()| entry)
     }
 
     /// Makes an empty file at `path` if nothing is there (a LOCK on an
@@ -436,13 +488,15 @@ impl Store {
         if path.is_empty() {
             return Err(StoreError::IsDir(path));
         }
-        self.write(|tx| {
+        self.change(move |tx| {
             let Some(e) = get(&tx.entries, &path)? else {
                 return Err(StoreError::NotFound(path.clone()));
             };
             remove_tree(tx, &path, e)?;
-            touch_parent(tx, &path)
+            touch_parent(tx, &path)?;
+            Ok(None)
         })
+        .map(drop)
     }
 
     /// Copies (`keep = true`) or moves `from` to `to`. With `overwrite`, what
@@ -463,7 +517,7 @@ impl Store {
         if to == from || to.starts_with(&format!("{from}/")) {
             return Err(StoreError::IntoItself(from));
         }
-        self.write(|tx| {
+        self.change(move |tx| {
             let Some(src) = get(&tx.entries, &from)? else {
                 return Err(StoreError::NotFound(from.clone()));
             };
@@ -489,26 +543,29 @@ impl Store {
             if !keep {
                 touch_parent(tx, &from)?;
             }
-            Ok(())
+            Ok(None)
         })
+        .map(drop)
     }
 
     /// Sets (`true`) or removes (`false`) dead properties of `path`, all
     /// or nothing.
-    pub fn patch_props(&self, path: &str, patch: &[(bool, Prop)]) -> Result<(), StoreError> {
+    pub fn patch_props(&self, path: &str, patch: Vec<(bool, Prop)>) -> Result<(), StoreError> {
         let path = normalize(path)?;
-        self.write(|tx| {
+        self.change(move |tx| {
             let Some(mut e) = get(&tx.entries, &path)? else {
                 return Err(StoreError::NotFound(path.clone()));
             };
-            for (set, p) in patch {
+            for (set, p) in &patch {
                 e.props.retain(|q| !same_prop(q, &p.namespace, &p.name));
                 if *set {
                     e.props.push(p.clone());
                 }
             }
-            put_entry(tx, &path, &e)
+            put_entry(tx, &path, &e)?;
+            Ok(None)
         })
+        .map(drop)
     }
 
     /// Bytes the stored content takes (each distinct content counted once).
@@ -524,13 +581,15 @@ impl Store {
     /// Sets (or with `None` lifts) the quota. Content already stored stays
     /// even when it is over the new quota; only new content is refused.
     pub fn set_quota(&self, quota: Option<u64>) -> Result<(), StoreError> {
-        self.write(|tx| {
+        self.change(move |tx| {
             match quota {
                 Some(q) => tx.counters.insert(QUOTA, q).map(|_| ()),
                 None => tx.counters.remove(QUOTA).map(|_| ()),
             }
-            .map_err(dberr)
+            .map_err(dberr)?;
+            Ok(None)
         })
+        .map(drop)
     }
 
     fn counter(&self, name: &str) -> Result<Option<u64>, StoreError> {
@@ -539,13 +598,84 @@ impl Store {
         Ok(t.get(name).map_err(dberr)?.map(|g| g.value()))
     }
 
-    /// Runs `f` in one write transaction; after the commit, deletes the blobs it freed.
-    fn write<F>(&self, f: F) -> Result<(), StoreError>
+    /// Runs `op` as part of the next group commit and then deletes the
+    /// blobs it freed.
+    fn change<F>(&self, op: F) -> OpResult
     where
-        F: FnOnce(&mut Tx<'_>) -> Result<(), StoreError>,
+        F: Fn(&mut Tx<'_>) -> OpResult + Send + Sync + 'static,
+    {
+        let (r, freed) = self.write(Arc::new(op));
+        self.release(freed)?;
+        r
+    }
+
+    /// Group commit: changes from concurrent callers share one transaction
+    /// (one fsync). The first caller to find no commit running leads: it
+    /// takes every queued change, runs them in one transaction and commits;
+    /// the others wait for their result. If any change in a group fails,
+    /// the group is rolled back and each change runs alone, so one failure
+    /// never affects another. Returns the change's result and, for the
+    /// leader, the blobs its group freed (to [`Store::release`]).
+    fn write(&self, op: Op) -> (OpResult, Vec<BlobId>) {
+        let mut st = self.group.lock();
+        let id = st.next;
+        st.next += 1;
+        st.queue.push((id, op));
+        let mut freed = Vec::new();
+        loop {
+            if let Some(r) = st.done.remove(&id) {
+                return (r, freed);
+            }
+            if st.leading {
+                st = self.group.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.leading = true;
+            let batch = std::mem::take(&mut st.queue);
+            drop(st);
+            let (results, f) = self.run_group(batch);
+            freed.extend(f);
+            st = self.group.lock();
+            st.leading = false;
+            st.done.extend(results);
+            self.group.wake.notify_all();
+        }
+    }
+
+    fn run_group(&self, batch: Vec<(u64, Op)>) -> (Vec<(u64, OpResult)>, Vec<BlobId>) {
+        if batch.len() > 1 {
+            let together = self.txn(|tx| {
+                batch
+                    .iter()
+                    .map(|(id, op)| Ok((*id, op(tx)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()
+            });
+            if let Ok((outs, freed)) = together {
+                return (outs.into_iter().map(|(id, o)| (id, Ok(o))).collect(), freed);
+            }
+        }
+        let mut freed = Vec::new();
+        let results = batch
+            .into_iter()
+            .map(|(id, op)| match self.txn(|tx| op(tx)) {
+                Ok((out, f)) => {
+                    freed.extend(f);
+                    (id, Ok(out))
+                }
+                Err(e) => (id, Err(e)),
+            })
+            .collect();
+        (results, freed)
+    }
+
+    /// Runs `f` in one write transaction and commits it (durably); returns
+    /// its result and the blobs it left unreferenced.
+    fn txn<T, F>(&self, f: F) -> Result<(T, Vec<BlobId>), StoreError>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
     {
         let txn = self.db.begin_write().map_err(dberr)?;
-        let freed = {
+        let (out, freed) = {
             let mut tx = Tx {
                 entries: txn.open_table(ENTRIES).map_err(dberr)?,
                 refs: txn.open_table(REFS).map_err(dberr)?,
@@ -553,7 +683,7 @@ impl Store {
                 freed: Vec::new(),
             };
             match f(&mut tx) {
-                Ok(()) => tx.freed,
+                Ok(out) => (out, tx.freed),
                 Err(e) => {
                     drop(tx);
                     let _ = txn.abort();
@@ -562,8 +692,24 @@ impl Store {
             }
         };
         txn.commit().map_err(dberr)?;
-        for b in freed {
-            self.blobs.remove(&b)?;
+        Ok((out, freed))
+    }
+
+    /// Deletes those of `blobs` that no entry references, with no upload
+    /// between storing and referencing its content (which might be one of them).
+    fn release(&self, mut blobs: Vec<BlobId>) -> Result<(), StoreError> {
+        if blobs.is_empty() {
+            return Ok(());
+        }
+        blobs.sort();
+        blobs.dedup();
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let refs = txn.open_table(REFS).map_err(dberr)?;
+        for b in blobs {
+            if refs.get(&b.0).map_err(dberr)?.is_none() {
+                self.blobs.remove(&b)?;
+            }
         }
         Ok(())
     }
