@@ -33,7 +33,7 @@ use futures_util::FutureExt;
 use http::StatusCode;
 
 use crate::blobs::{BlobId, Upload};
-use crate::meta::{Entry, Kind, Prop, Store, StoreError};
+use crate::meta::{Content, Entry, Kind, Prop, Store, StoreError};
 use crate::path::{normalize, parent, PathError};
 
 /// Bytes gathered from the request before one write to the upload's file.
@@ -71,10 +71,8 @@ impl StoreFs {
             return Err(FsError::Forbidden);
         };
         let blob = BlobId(*blob);
-        let file = self
-            .blocking(move |s| Ok(s.blobs.open_blob(&blob)?))
-            .await?;
-        Ok(Box::new(Reader::new(Meta(entry), file)))
+        let content = self.blocking(move |s| s.content(&blob)).await?;
+        Ok(Box::new(Reader::new(Meta(entry), content)))
     }
 
     async fn entry(&self, path: String) -> FsResult<Entry> {
@@ -205,8 +203,17 @@ impl DavFileSystem for StoreFs {
     ) -> FsFuture<'a, Box<dyn DavFile>> {
         async move {
             let key = key(path)?;
-            let k = key.clone();
-            let existing = self.blocking(move |s| s.get(&k)).await?;
+            // One trip to the blocking pool for everything open needs to know.
+            let (k, dir, want_room) = (key.clone(), self.dir.clone(), options.size.is_some());
+            let (existing, parent_is_dir, room) = self
+                .blocking(move |s| {
+                    let existing = s.get(&k)?;
+                    let parent_is_dir =
+                        matches!(s.get(parent(&k))?, Some(e) if e.kind == Kind::Dir);
+                    let room = if want_room { room(s, &dir)? } else { u64::MAX };
+                    Ok((existing, parent_is_dir, room))
+                })
+                .await?;
             if !options.write {
                 return self.reader(existing.ok_or(FsError::NotFound)?).await;
             }
@@ -219,10 +226,8 @@ impl DavFileSystem for StoreFs {
             if key.is_empty() {
                 return Err(FsError::Forbidden);
             }
-            let p = parent(&key).to_owned();
-            match self.blocking(move |s| s.get(&p)).await? {
-                Some(e) if e.kind == Kind::Dir => {}
-                _ => return Err(FsError::NotFound),
+            if !parent_is_dir {
+                return Err(FsError::NotFound);
             }
             if options.append {
                 return Err(FsError::NotImplemented);
@@ -238,8 +243,6 @@ impl DavFileSystem for StoreFs {
                 return self.reader(self.entry(key).await?).await;
             }
             if let Some(size) = options.size {
-                let dir = self.dir.clone();
-                let room = self.blocking(move |s| room(s, &dir)).await?;
                 let replaced = match &existing {
                     Some(Entry {
                         kind: Kind::File { size, .. },
@@ -251,7 +254,7 @@ impl DavFileSystem for StoreFs {
                     return Err(FsError::InsufficientStorage);
                 }
             }
-            let upload = self.blocking(|s| s.begin()).await?;
+            let upload = self.store.begin().map_err(fs_error)?;
             Ok(Box::new(Writer {
                 fs: self.clone(),
                 content_type: content_type(&key),
@@ -434,6 +437,8 @@ impl AsRef<[u8]> for MapOwner {
 
 /// Where a file's bytes come from.
 enum Source {
+    /// Small contents, from the metadata database.
+    Inline(Bytes),
     /// Read into a buffer (small files).
     File(Arc<std::fs::File>),
     /// Sent straight from the page cache: one copy fewer, no buffers. The
@@ -459,7 +464,18 @@ impl fmt::Debug for Reader {
 }
 
 impl Reader {
-    fn new(meta: Meta, file: std::fs::File) -> Reader {
+    fn new(meta: Meta, content: Content) -> Reader {
+        let file = match content {
+            Content::Inline(v) => {
+                return Reader {
+                    meta,
+                    source: Source::Inline(Bytes::from(v)),
+                    pos: 0,
+                    ahead: None,
+                }
+            }
+            Content::File(f) => f,
+        };
         let source = if meta.len() >= MAP_MIN {
             // SAFETY: a blob is never written after it is renamed into
             // place (its name is its content's hash); it is only ever
@@ -490,6 +506,11 @@ impl Reader {
     /// never waits on the disk), or into a buffer from the file.
     fn start_read(&self, pos: u64, len: usize) -> ChunkRead {
         match &self.source {
+            Source::Inline(bytes) => {
+                let end = (pos as usize + len).min(bytes.len());
+                let chunk = bytes.slice((pos as usize).min(end)..end);
+                tokio::task::spawn(async move { Ok(chunk) })
+            }
             Source::Map(map, bytes) => {
                 let (map, chunk) = (map.clone(), bytes.slice(pos as usize..pos as usize + len));
                 tokio::task::spawn_blocking(move || {
@@ -696,16 +717,24 @@ impl DavFile for Writer {
             if self.done.is_some() {
                 return Ok(());
             }
-            if !self.buf.is_empty() {
-                self.drain().await?;
-            }
-            let up = self.upload.take().ok_or(FsError::GeneralFailure)?;
-            if self.expected.is_some_and(|n| n != up.size()) {
+            let mut up = self.upload.take().ok_or(FsError::GeneralFailure)?;
+            let buf = std::mem::take(&mut self.buf);
+            if self
+                .expected
+                .is_some_and(|n| n != up.size() + buf.len() as u64)
+            {
                 // Short of what was announced: never make it visible.
                 return Err(FsError::GeneralFailure);
             }
             let (key, ct) = (self.key.clone(), self.content_type.clone());
-            let entry = self.fs.blocking(move |s| s.put(&key, up, &ct)).await?;
+            // The last bytes and the commit in one trip to the blocking pool.
+            let entry = self
+                .fs
+                .blocking(move |s| {
+                    up.write(&buf)?;
+                    s.put(&key, up, &ct)
+                })
+                .await?;
             self.done = Some(entry);
             self.buf = Vec::new();
             Ok(())

@@ -3,7 +3,9 @@
 //! Tables: `entries` maps a normalized path ("" is the root, "a/b.txt") to
 //! its [`Entry`]; `refs` counts how many entries use each blob; `counters`
 //! holds the bytes the stored blobs take ("used") and the box's quota
-//! ("quota", absent when there is none). Every change
+//! ("quota", absent when there is none); `inline` holds small contents (see
+//! [`crate::blobs::INLINE_MAX`]) by hash, written with the entry that first
+//! uses them and deleted with the last. Every change
 //! is one redb write transaction (durable at commit). Blobs whose count falls
 //! to zero are deleted after the commit; a crash in between leaves an
 //! unreferenced blob, which [`Store::open`] sweeps away. So a file is either
@@ -16,12 +18,13 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::blobs::{BlobError, BlobId, BlobStore, Upload};
+use crate::blobs::{BlobError, BlobId, BlobStore, Stored, Upload};
 use crate::path::{normalize, parent, PathError};
 
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const REFS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("refs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const INLINE: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("inline");
 const USED: &str = "used";
 const QUOTA: &str = "quota";
 
@@ -33,6 +36,12 @@ pub enum Kind {
         blob: [u8; 32],
         content_type: String,
     },
+}
+
+/// A file's content, as [`Store::content`] finds it.
+pub enum Content {
+    Inline(Vec<u8>),
+    File(std::fs::File),
 }
 
 /// A dead property a client set with PROPPATCH, kept with its entry (so it
@@ -167,12 +176,14 @@ struct GroupState {
 type Entries<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 type Refs<'t> = redb::Table<'t, &'static [u8; 32], u64>;
 type Counters<'t> = redb::Table<'t, &'static str, u64>;
+type Inline<'t> = redb::Table<'t, &'static [u8; 32], &'static [u8]>;
 
 /// The tables of one write transaction, and the blobs it frees.
 struct Tx<'t> {
     entries: Entries<'t>,
     refs: Refs<'t>,
     counters: Counters<'t>,
+    inline: Inline<'t>,
     freed: Vec<BlobId>,
 }
 
@@ -253,6 +264,22 @@ fn descendants<T: ReadableTable<&'static str, &'static [u8]>>(
         }
     }
     Ok(out)
+}
+
+/// Small contents nothing references any more go with the transaction; the
+/// rest of `tx.freed` are files, deleted after the commit.
+fn drop_inline(tx: &mut Tx<'_>) -> Result<(), StoreError> {
+    let mut files = Vec::new();
+    for b in std::mem::take(&mut tx.freed) {
+        if tx.refs.get(&b.0).map_err(dberr)?.is_some() {
+            continue;
+        }
+        if tx.inline.remove(&b.0).map_err(dberr)?.is_none() {
+            files.push(b);
+        }
+    }
+    tx.freed = files;
+    Ok(())
 }
 
 /// Removes `path` (whose entry is `entry`) and everything under it, releasing their blobs.
@@ -416,7 +443,11 @@ impl Store {
         // deleted: an identical blob found in place must still be there when
         // the reference lands.
         let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let (id, size) = self.blobs.commit(up)?;
+        let (id, size, stored) = self.blobs.commit(up)?;
+        let inline = match stored {
+            Stored::Inline(bytes) => Some(Arc::new(bytes)),
+            Stored::File => None,
+        };
         let entry = Entry {
             kind: Kind::File {
                 size,
@@ -440,6 +471,11 @@ impl Store {
             let before = tx.counter(USED)?.unwrap_or(0);
             tx.reference(&entry, 1)?;
             let after = tx.counter(USED)?.unwrap_or(0);
+            if let Some(bytes) = &inline {
+                if tx.inline.get(&id.0).map_err(dberr)?.is_none() {
+                    tx.inline.insert(&id.0, bytes.as_slice()).map_err(dberr)?;
+                }
+            }
             if let Some(quota) = tx.counter(QUOTA)? {
                 if after > quota && after > before {
                     return Err(StoreError::OverQuota {
@@ -568,6 +604,29 @@ impl Store {
         .map(drop)
     }
 
+    /// A file's content: small ones from the database, others as their blob file.
+    pub fn content(&self, blob: &BlobId) -> Result<Content, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let inline = txn.open_table(INLINE).map_err(dberr)?;
+        if let Some(v) = inline.get(&blob.0).map_err(dberr)? {
+            return Ok(Content::Inline(v.value().to_vec()));
+        }
+        Ok(Content::File(self.blobs.open_blob(blob)?))
+    }
+
+    /// Every content stored, inline or as a file (for consistency checks).
+    pub fn stored_blobs(&self) -> Result<Vec<BlobId>, StoreError> {
+        let mut out = self.blobs.list()?;
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let inline = txn.open_table(INLINE).map_err(dberr)?;
+        for item in inline.iter().map_err(dberr)? {
+            let (k, _) = item.map_err(dberr)?;
+            out.push(BlobId(*k.value()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Bytes the stored content takes (each distinct content counted once).
     pub fn used(&self) -> Result<u64, StoreError> {
         self.counter(USED).map(|v| v.unwrap_or(0))
@@ -680,10 +739,11 @@ impl Store {
                 entries: txn.open_table(ENTRIES).map_err(dberr)?,
                 refs: txn.open_table(REFS).map_err(dberr)?,
                 counters: txn.open_table(COUNTERS).map_err(dberr)?,
+                inline: txn.open_table(INLINE).map_err(dberr)?,
                 freed: Vec::new(),
             };
-            match f(&mut tx) {
-                Ok(out) => (out, tx.freed),
+            match f(&mut tx).and_then(|out| Ok((out, drop_inline(&mut tx)?))) {
+                Ok((out, ())) => (out, tx.freed),
                 Err(e) => {
                     drop(tx);
                     let _ = txn.abort();

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloudlet_storage::blobs::BlobId;
-use cloudlet_storage::meta::{Kind, Store};
+use cloudlet_storage::meta::{Content, Kind, Store};
 use cloudlet_testkit::Rng;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,11 +39,12 @@ fn under<'a>(m: &'a BTreeMap<String, M>, p: &'a str) -> impl Iterator<Item = Str
 
 fn read_file(s: &Store, blob: &[u8; 32]) -> Vec<u8> {
     let mut v = Vec::new();
-    s.blobs
-        .open_blob(&BlobId(*blob))
-        .unwrap()
-        .read_to_end(&mut v)
-        .unwrap();
+    match s.content(&BlobId(*blob)).unwrap() {
+        Content::Inline(b) => v = b,
+        Content::File(mut f) => {
+            f.read_to_end(&mut v).unwrap();
+        }
+    }
     v
 }
 
@@ -81,7 +82,7 @@ fn check(s: &Store, m: &BTreeMap<String, M>) {
     let got: BTreeMap<BlobId, u64> = s.refcounts().unwrap().into_iter().collect();
     assert_eq!(got, want);
     assert_eq!(
-        s.blobs.list().unwrap(),
+        s.stored_blobs().unwrap(),
         want.keys().copied().collect::<Vec<_>>()
     );
     // The space counter is the distinct contents' bytes.
@@ -124,7 +125,7 @@ fn agrees_with_a_model() {
             }
             1 | 2 => {
                 // Few distinct contents, so blobs are shared and deduplicated.
-                let data = vec![b'x' + (r.below(4) as u8); r.below(3) as usize * 1000];
+                let data = vec![b'x' + (r.below(4) as u8); r.below(3) as usize * 40_000];
                 let mut up = s.begin().unwrap();
                 up.write(&data).unwrap();
                 let ok = is_dir(&m, parent(&p)) && !matches!(m.get(&p), Some(M::Dir));
@@ -201,7 +202,7 @@ fn refuses_bad_paths_and_keeps_the_root() {
     let mut up = s.begin().unwrap();
     up.write(b"orphan").unwrap();
     assert!(s.put("no/such/folder/f", up, "text/plain").is_err());
-    assert!(s.blobs.list().unwrap().is_empty());
+    assert!(s.stored_blobs().unwrap().is_empty());
 }
 
 /// Content of the child's write number `i`.
@@ -311,7 +312,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         }
         let want = uses(&s);
         assert_eq!(
-            s.blobs.list().unwrap(),
+            s.stored_blobs().unwrap(),
             want.keys().copied().collect::<Vec<_>>(),
             "round {round}: stray blobs"
         );
@@ -337,20 +338,25 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
 fn concurrent_changes_share_content_safely() {
     let d = tempfile::tempdir().unwrap();
     let s = std::sync::Arc::new(Store::open(d.path()).unwrap());
-    let contents: Vec<Vec<u8>> = vec![b"alpha".repeat(100), b"beta".repeat(3000), Vec::new()];
+    // Two contents big enough to be files (where the race was), one kept inline.
+    let contents: Vec<Vec<u8>> = vec![
+        b"alpha".repeat(14_000),
+        b"beta".repeat(20_000),
+        b"gamma".repeat(10),
+    ];
     let threads: Vec<_> = (0..8u64)
         .map(|t| {
             let (s, contents) = (s.clone(), contents.clone());
             std::thread::spawn(move || {
                 let mut r = Rng(0x5eed + t);
-                for _ in 0..150 {
-                    let p = format!("f{}", r.below(6));
+                for _ in 0..300 {
+                    let p = format!("f{}", r.below(4));
                     match r.below(4) {
                         0 => {
                             let _ = s.remove(&p);
                         }
                         1 => {
-                            let _ = s.transfer(&p, &format!("f{}", r.below(6)), true, true);
+                            let _ = s.transfer(&p, &format!("f{}", r.below(4)), true, true);
                         }
                         _ => {
                             let mut up = s.begin().unwrap();
@@ -375,12 +381,9 @@ fn concurrent_changes_share_content_safely() {
     let got: BTreeMap<BlobId, u64> = s.refcounts().unwrap().into_iter().collect();
     assert_eq!(got, want);
     assert_eq!(
-        s.blobs.list().unwrap(),
+        s.stored_blobs().unwrap(),
         want.keys().copied().collect::<Vec<_>>()
     );
-    let used: u64 = want
-        .keys()
-        .map(|b| std::fs::metadata(s.blobs.path(b)).unwrap().len())
-        .sum();
+    let used: u64 = want.keys().map(|b| read_file(&s, &b.0).len() as u64).sum();
     assert_eq!(s.used().unwrap(), used);
 }
