@@ -79,6 +79,25 @@ fn boots_and_every_service_reports_ready() -> Result<()> {
     for user in ["storage", "sync", "sharing", "updater"] {
         assert!(ps.lines().any(|l| l.trim_start().starts_with(user)), "{ps}");
     }
+
+    // Step: the box trusts the key that signed this build's update bundle,
+    // and that bundle verifies with the key as the box has it.
+    let on_box = vm.sh("cat /etc/cloudlet/update-keys/*.pub")?;
+    assert_eq!(on_box.trim().len(), 64, "{on_box:?}");
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("box.pub"), on_box.trim())?;
+    let bundle = std::fs::read_dir(cloudlet_tests_qemu::out_dir())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "cub"))
+        .expect("scripts/build-image made an update bundle");
+    let keys = cloudlet_bundle::load_trusted(dir.path())?;
+    let m = cloudlet_bundle::verify(
+        std::io::BufReader::new(std::fs::File::open(&bundle)?),
+        &keys,
+        |_| Ok(std::io::sink()),
+    )?;
+    assert_eq!(m.board, "qemu-virt");
     Ok(())
 }
 

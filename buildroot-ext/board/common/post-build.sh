@@ -15,3 +15,10 @@ ln -sfn /run/resolv.conf "$TARGET/etc/resolv.conf"
 for f in bin/busybox sbin/udhcpc sbin/mke2fs sbin/e2fsck usr/bin/cloudletd usr/bin/cloudlet; do
   [ -e "$TARGET/$f" ] || { echo "post-build: /$f is missing" >&2; exit 1; }
 done
+
+# The key that signs this build's update bundle: its public half goes into
+# the root filesystem, so the box trusts bundles signed with it.
+key_opt="$(sed -n 's/^BR2_PACKAGE_CLOUDLET_SIGNING_KEY="\(.*\)"$/\1/p' "$BR2_CONFIG")"
+[ -z "$key_opt" ] || export CLOUDLET_SIGNING_KEY="$key_opt"
+CLOUDLET_BUNDLE_TOOL="$HOST_DIR/bin/cloudlet-bundle" \
+  "$BR2_EXTERNAL_CLOUDLET_PATH/../image/bundle.sh" key "$BASE_DIR/cloudlet-keys" "$TARGET" >/dev/null

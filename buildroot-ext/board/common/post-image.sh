@@ -30,3 +30,12 @@ if command -v bmaptool >/dev/null; then
   bmaptool create -o "$img.bmap" "$img"
 fi
 echo "Cloudlet image: $img"
+
+# The signed update bundle of this build (kernel, initramfs, root filesystem).
+key_opt="$(sed -n 's/^BR2_PACKAGE_CLOUDLET_SIGNING_KEY="\(.*\)"$/\1/p' "$BR2_CONFIG")"
+[ -z "$key_opt" ] || export CLOUDLET_SIGNING_KEY="$key_opt"
+export CLOUDLET_BUNDLE_TOOL="$HOST_DIR/bin/cloudlet-bundle"
+key="$("$IMAGE_DIR/bundle.sh" key "$BASE_DIR/cloudlet-keys")"
+bundle="$("$IMAGE_DIR/bundle.sh" make "$key" "$BOARD" "$BIN/Image-A" "$BIN/initrd-A" \
+  "$BIN/rootfs.squashfs" "$BIN")"
+echo "Cloudlet update bundle: $bundle"

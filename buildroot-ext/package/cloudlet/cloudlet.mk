@@ -9,7 +9,8 @@ CLOUDLET_VERSION = 0.1.0
 CLOUDLET_SITE = $(BR2_EXTERNAL_CLOUDLET_PATH)/..
 CLOUDLET_SITE_METHOD = local
 CLOUDLET_LICENSE = Apache-2.0
-CLOUDLET_DEPENDENCIES = $(if $(BR2_PACKAGE_BUSYBOX),busybox)
+# host-cloudlet: the cloudlet-bundle tool that post-image signs bundles with.
+CLOUDLET_DEPENDENCIES = host-cloudlet $(if $(BR2_PACKAGE_BUSYBOX),busybox)
 CLOUDLET_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = \
 	--exclude target --exclude out --exclude .git
 
@@ -26,6 +27,10 @@ define CLOUDLET_VENDOR_CRATES
 	mkdir -p .cargo && mv vendor-config.toml .cargo/config.toml
 endef
 CLOUDLET_POST_RSYNC_HOOKS += CLOUDLET_VENDOR_CRATES
+HOST_CLOUDLET_POST_RSYNC_HOOKS += CLOUDLET_VENDOR_CRATES
+HOST_CLOUDLET_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = $(CLOUDLET_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS)
+
+HOST_CLOUDLET_CARGO_BUILD_OPTS = --bin cloudlet-bundle
 
 # The workspace root is a virtual manifest, which `cargo install` refuses:
 # install the three binaries from the build directly.
@@ -38,4 +43,10 @@ define CLOUDLET_INSTALL_TARGET_CMDS
 		$(TARGET_DIR)/usr/bin/cloudlet
 endef
 
+define HOST_CLOUDLET_INSTALL_CMDS
+	$(INSTALL) -D -m 0755 $(@D)/target/release/cloudlet-bundle \
+		$(HOST_DIR)/bin/cloudlet-bundle
+endef
+
 $(eval $(cargo-package))
+$(eval $(host-cargo-package))
