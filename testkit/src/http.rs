@@ -75,9 +75,8 @@ pub fn request(
     }
 }
 
-fn read_response(s: &mut TcpStream, head_only: bool) -> std::io::Result<Response> {
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
-    let mut r = BufReader::new(s);
+/// Reads a response's status line and headers.
+pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, String)>)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status = line
@@ -96,6 +95,17 @@ fn read_response(s: &mut TcpStream, head_only: bool) -> std::io::Result<Response
         let (k, v) = l.split_once(':').ok_or_else(|| bad(l))?;
         headers.push((k.trim().to_owned(), v.trim().to_owned()));
     }
+    Ok((status, headers))
+}
+
+fn bad(m: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned())
+}
+
+fn read_response(s: &mut TcpStream, head_only: bool) -> std::io::Result<Response> {
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
+    let mut line = String::new();
     let mut resp = Response {
         status,
         headers,

@@ -538,27 +538,15 @@ impl Vm {
             .ports
             .get(service)
             .ok_or_else(|| anyhow!("no port for {service}"))?;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(scaled(Duration::from_secs(30))))?;
-        let auth = auth
-            .map(|a| format!("Authorization: {a}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: cloudlet\r\n{auth}Connection: close\r\n\r\n"
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        let r = cloudlet_testkit::http::request(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            "GET",
+            path,
+            &headers,
+            cloudlet_testkit::http::Body::None,
         )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow!("bad HTTP answer {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
+        Ok((r.status, r.text()))
     }
 
     /// Presses the power button (QMP `system_powerdown`).

@@ -15,7 +15,7 @@
 //! every read comes from the disk; otherwise the table says the cache was warm.
 //! Run it through `scripts/bench storage`, which builds what it needs.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -143,27 +143,11 @@ fn start_rclone(dir: &Path) -> Result<Server> {
 
 /// Reads a response's head; returns the status and the Content-Length.
 fn read_head(r: &mut BufReader<&mut TcpStream>) -> Result<(u16, Option<u64>)> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line {line:?}"))?;
-    let mut len = None;
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().ok();
-            }
-        }
-    }
+    let (status, headers) = cloudlet_testkit::http::read_head(r)?;
+    let len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok());
     Ok((status, len))
 }
 
