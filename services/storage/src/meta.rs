@@ -100,6 +100,9 @@ pub enum StoreError {
     /// a folder cannot be moved or copied into itself
     #[error("{0:?} cannot go inside itself")]
     IntoItself(String),
+    /// a bug: the change was not made
+    #[error("internal error: {0}")]
+    Internal(String),
     /// storing this would pass the box's quota
     #[error("the quota of {quota} bytes would be passed ({used} used, {more} more)")]
     OverQuota { quota: u64, used: u64, more: u64 },
@@ -692,7 +695,17 @@ impl Store {
             st.leading = true;
             let batch = std::mem::take(&mut st.queue);
             drop(st);
-            let (results, f) = self.run_group(batch);
+            // A change that panicked must not leave its group waiting forever.
+            let ids: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
+            let (results, f) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_group(batch)))
+                    .unwrap_or_else(|_| {
+                        let failed = ids
+                            .into_iter()
+                            .map(|id| (id, Err(StoreError::Internal("a change panicked".into()))))
+                            .collect();
+                        (failed, Vec::new())
+                    });
             freed.extend(f);
             st = self.group.lock();
             st.leading = false;
@@ -791,5 +804,20 @@ impl Store {
         let txn = self.db.begin_read().map_err(dberr)?;
         let entries = txn.open_table(ENTRIES).map_err(dberr)?;
         descendants(&entries, "")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_change_fails_alone_and_nothing_hangs() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let r = s.change(|_| panic!("a bug in a change"));
+        assert!(matches!(r, Err(StoreError::Internal(_))), "{r:?}");
+        s.mkdir("after").unwrap();
+        assert!(s.get("after").unwrap().is_some());
     }
 }
