@@ -169,7 +169,8 @@ fn error(status: StatusCode, msg: &str) -> Response<cloudlet_runtime::Body> {
 }
 
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
-    cloudlet_runtime::check_state_dir(&opts.state_dir)?;
+    // The token is written before run_service probes the directory: it must exist.
+    std::fs::create_dir_all(&opts.state_dir)?;
     // Never serve without a credential: until pairing exists, the box's access token.
     let auth: Arc<dyn Authenticator> = Arc::new(TokenAuth::load_or_create(
         &opts.state_dir.join("access-token"),

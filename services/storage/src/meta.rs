@@ -206,7 +206,6 @@ impl Tx<'_> {
             .map(|g| g.value())
             .unwrap_or(0);
         let new = (old as i64 + delta).max(0) as u64;
-        let used = self.counter(USED)?.unwrap_or(0);
         if new == 0 {
             self.refs.remove(blob).map_err(dberr)?;
             self.freed.push(BlobId(*blob));
@@ -214,12 +213,16 @@ impl Tx<'_> {
             self.refs.insert(blob, new).map_err(dberr)?;
             self.freed.retain(|f| f.0 != *blob);
         }
-        let used = match (old, new) {
-            (0, n) if n > 0 => used.saturating_add(size),
-            (o, 0) if o > 0 => used.saturating_sub(size),
-            _ => used,
-        };
-        self.counters.insert(USED, used).map_err(dberr)?;
+        // The byte count moves only when a content appears or goes.
+        if (old == 0) != (new == 0) {
+            let used = self.counter(USED)?.unwrap_or(0);
+            let used = if new > 0 {
+                used.saturating_add(size)
+            } else {
+                used.saturating_sub(size)
+            };
+            self.counters.insert(USED, used).map_err(dberr)?;
+        }
         Ok(())
     }
 
@@ -515,10 +518,7 @@ impl Store {
             return Ok(false);
         }
         let up = self.begin()?;
-        match self.put(&path, up, content_type) {
-            Ok(_) => Ok(true),
-            Err(e) => Err(e),
-        }
+        self.put(&path, up, content_type).map(|_| true)
     }
 
     /// Removes a file, or a folder with everything in it.
