@@ -595,3 +595,435 @@ fn sigkill_during_uploads_loses_nothing_acknowledged() {
         acked.len()
     );
 }
+
+/// How many resources a PROPFIND answered for.
+fn responses(r: &Response) -> usize {
+    r.text().matches("<D:response>").count()
+}
+
+/// Every resource under (and including) `path`, by PROPFIND Depth: infinity.
+fn count_tree(s: &Server, path: &str) -> usize {
+    let r = s.req("PROPFIND", path, &[("Depth", "infinity")], Body::None);
+    if r.status == 404 {
+        return 0;
+    }
+    assert_eq!(r.status, 207, "PROPFIND {path}: {}", r.text());
+    responses(&r)
+}
+
+fn used_bytes(s: &Server) -> String {
+    let t = s.get("/api/space", &[]).text();
+    t.split("\"used_bytes\":")
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn deleting_the_root_is_refused_and_changes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.req("MKCOL", "/files/docs/", &[], Body::None).status, 201);
+    assert_eq!(s.put("/files/docs/a.txt", b"keep me").status, 201);
+    assert_eq!(s.put("/files/b.txt", b"and me").status, 201);
+    let before = used_bytes(&s);
+    for path in ["/files/", "/files", "/files/./", "/files//"] {
+        let r = s.req("DELETE", path, &[], Body::None);
+        assert_eq!(r.status, 403, "DELETE {path}");
+    }
+    assert_eq!(s.get("/files/docs/a.txt", &[]).body, b"keep me");
+    assert_eq!(s.get("/files/b.txt", &[]).body, b"and me");
+    assert_eq!(count_tree(&s, "/files/"), 4);
+    assert_eq!(used_bytes(&s), before);
+}
+
+/// Makes /files/big/ with `copies` folders of 50 files each, by COPY on the
+/// box (quick: no upload per file).
+fn make_big_tree(s: &Server, copies: usize) -> usize {
+    assert_eq!(s.req("MKCOL", "/files/big/", &[], Body::None).status, 201);
+    assert_eq!(
+        s.req("MKCOL", "/files/big/d0/", &[], Body::None).status,
+        201
+    );
+    for i in 0..50 {
+        let data = format!("file {i}").repeat(i + 1);
+        assert_eq!(
+            s.put(&format!("/files/big/d0/f{i}"), data.as_bytes())
+                .status,
+            201
+        );
+    }
+    for c in 1..copies {
+        let dest = format!("http://cloudlet/files/big/d{c}/");
+        let r = s.req(
+            "COPY",
+            "/files/big/d0/",
+            &[("Destination", &dest)],
+            Body::None,
+        );
+        assert_eq!(r.status, 201, "COPY to d{c}");
+    }
+    1 + copies * 51
+}
+
+/// Sends a request and hangs up soon after, without reading the answer.
+fn hang_up_after(s: &Server, method: &str, path: &str, headers: &[(&str, &str)]) {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: cloudlet\r\nAuthorization: {}\r\n",
+        s.auth()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    c.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    drop(c);
+}
+
+/// The count of a tree once it stops changing (two looks a second apart agree).
+fn settled_count(s: &Server, path: &str) -> usize {
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut last = count_tree(s, path);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = count_tree(s, path);
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < until, "{path} never settles");
+        last = now;
+    }
+}
+
+#[test]
+fn tree_delete_and_copy_finish_whole_when_the_client_hangs_up() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    let total = make_big_tree(&s, 40);
+    assert_eq!(count_tree(&s, "/files/big/"), total);
+
+    // COPY, then the client goes: all of the copy or none of it (the
+    // server may not have started it), never a part.
+    hang_up_after(
+        &s,
+        "COPY",
+        "/files/big/",
+        &[("Destination", "/files/big2/")],
+    );
+    let copied = settled_count(&s, "/files/big2/");
+    assert!(copied == 0 || copied == total, "{copied} of {total} copied");
+    if copied == 0 {
+        let r = s.req(
+            "COPY",
+            "/files/big/",
+            &[("Destination", "/files/big2/")],
+            Body::None,
+        );
+        assert_eq!(r.status, 201);
+    }
+
+    // DELETE, then the client goes: all of the tree goes or none of it.
+    hang_up_after(&s, "DELETE", "/files/big/", &[]);
+    let left = settled_count(&s, "/files/big/");
+    assert!(left == 0 || left == total, "{left} of {total} left");
+    assert_eq!(count_tree(&s, "/files/big2/"), total);
+
+    // MOVE over an existing tree replaces it in one step.
+    let r = s.req(
+        "MOVE",
+        "/files/big2/d1/",
+        &[("Destination", "/files/big2/d2/"), ("Overwrite", "T")],
+        Body::None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(count_tree(&s, "/files/big2/d2/"), 51);
+    assert_eq!(count_tree(&s, "/files/big2/d1/"), 0);
+    assert_eq!(count_tree(&s, "/files/big2/"), total - 51);
+}
+
+#[test]
+fn propfind_depth_follows_rfc_4918() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.req("MKCOL", "/files/a/", &[], Body::None).status, 201);
+    assert_eq!(s.req("MKCOL", "/files/a/b/", &[], Body::None).status, 201);
+    assert_eq!(s.put("/files/a/b/deep.txt", b"deep").status, 201);
+    assert_eq!(s.put("/files/top.txt", b"12345").status, 201);
+
+    // No Depth means infinity: a file answers for itself.
+    let r = s.req("PROPFIND", "/files/top.txt", &[], Body::None);
+    assert_eq!(r.status, 207);
+    assert_eq!(responses(&r), 1, "{}", r.text());
+    assert!(r.text().contains("<D:getcontentlength>5<"), "{}", r.text());
+    // ... and a folder for everything below it.
+    let r = s.req("PROPFIND", "/files/", &[], Body::None);
+    assert_eq!(r.status, 207);
+    assert!(r.text().contains("/files/a/b/deep.txt"), "{}", r.text());
+    assert_eq!(responses(&r), 5);
+    let r = s.req("PROPFIND", "/files/", &[("Depth", "infinity")], Body::None);
+    assert_eq!((r.status, responses(&r)), (207, 5));
+    assert_eq!(
+        responses(&s.req("PROPFIND", "/files/", &[("Depth", "1")], Body::None)),
+        3
+    );
+    assert_eq!(
+        responses(&s.req("PROPFIND", "/files/", &[("Depth", "0")], Body::None)),
+        1
+    );
+    // Anything else is a bad request, whatever other headers say.
+    for bad in ["2", "garbage", "", "1,0"] {
+        for extra in [None, Some(("X-Litmus", "props: 1 (propfind)"))] {
+            let mut h = vec![("Depth", bad)];
+            h.extend(extra);
+            let r = s.req("PROPFIND", "/files/", &h, Body::None);
+            assert_eq!(r.status, 400, "Depth {bad:?} with {extra:?}");
+        }
+    }
+}
+
+#[test]
+fn many_ranges_get_the_whole_body_once() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    let data = Rng(5).fill(1 << 20);
+    assert_eq!(s.put("/files/v.bin", &data).status, 201);
+    let many = format!("bytes={}", vec!["0-"; 1000].join(","));
+    let r = s.get("/files/v.bin", &[("Range", &many)]);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body == data,
+        "{} bytes for a {} byte file",
+        r.body.len(),
+        data.len()
+    );
+    let r = s.get("/files/v.bin", &[("Range", "bytes=0-9,20-29")]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), data.len());
+    // One range is still a range.
+    let r = s.get("/files/v.bin", &[("Range", "bytes=10-19")]);
+    assert_eq!(r.status, 206);
+    assert!(r.body == data[10..20]);
+}
+
+#[test]
+fn a_destination_must_be_this_server_inside_files_and_not_the_root() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.put("/files/x", b"x").status, 201);
+    assert_eq!(s.req("MKCOL", "/files/dir/", &[], Body::None).status, 201);
+    for (method, dest, status) in [
+        ("COPY", "/files/", 403),
+        ("MOVE", "/files/", 403),
+        ("COPY", "http://cloudlet/files/", 403),
+        ("MOVE", "/files", 403),
+        ("COPY", "http://another.host/files/y", 502),
+        ("MOVE", "http://cloudlet:8443/files/y", 502),
+        ("COPY", "/elsewhere/y", 403),
+        ("COPY", "/files/../y", 400),
+        ("COPY", "not a url", 400),
+    ] {
+        for src in ["/files/x", "/files/dir/"] {
+            let r = s.req(method, src, &[("Destination", dest)], Body::None);
+            assert_eq!(r.status, status, "{method} {src} -> {dest}");
+        }
+    }
+    // The service is still there, and nothing moved.
+    assert_eq!(s.get("/files/x", &[]).body, b"x");
+    assert_eq!(count_tree(&s, "/files/"), 3);
+    // This host, by URL or by path, works.
+    let r = s.req(
+        "COPY",
+        "/files/x",
+        &[("Destination", "http://cloudlet/files/y")],
+        Body::None,
+    );
+    assert_eq!(r.status, 201);
+    let r = s.req(
+        "MOVE",
+        "/files/y",
+        &[("Destination", "/files/dir/y")],
+        Body::None,
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(s.get("/files/dir/y", &[]).body, b"x");
+}
+
+fn proppatch(s: &Server, path: &str, props: &str) -> Response {
+    let body = format!(
+        r#"<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:" xmlns:Z="urn:z"><D:set><D:prop>{props}</D:prop></D:set></D:propertyupdate>"#
+    );
+    s.req("PROPPATCH", path, &[], Body::Bytes(body.as_bytes()))
+}
+
+#[test]
+fn dead_properties_are_bounded_counted_and_listed_once() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.put("/files/f", b"0123456789").status, 201);
+    assert_eq!(used_bytes(&s), "10");
+    let r = proppatch(&s, "/files/f", "<Z:colour>blue</Z:colour>");
+    assert_eq!(r.status, 207, "{}", r.text());
+    let with_prop: u64 = used_bytes(&s).parse().unwrap();
+    assert!(with_prop > 10, "properties are not counted: {with_prop}");
+    // Asked by name: once, and a missing one is not invented.
+    let r = s.req(
+        "PROPFIND",
+        "/files/f",
+        &[("Depth", "0")],
+        Body::Bytes(br#"<?xml version="1.0"?><D:propfind xmlns:D="DAV:" xmlns:Z="urn:z"><D:prop><Z:colour/><Z:missing/></D:prop></D:propfind>"#),
+    );
+    let t = r.text();
+    assert_eq!(t.matches("blue").count(), 1, "{t}");
+    assert!(
+        t.contains("missing xmlns:") && t.contains("404 Not Found"),
+        "{t}"
+    );
+    // Too many, or too big: 507, and what was there stays.
+    let big = format!("<Z:big>{}</Z:big>", "x".repeat(70_000));
+    let st = proppatch(&s, "/files/f", &big).status;
+    assert!(st == 413 || st == 507, "{st}");
+    let half = format!("<Z:half>{}</Z:half>", "x".repeat(40_000));
+    assert_eq!(proppatch(&s, "/files/f", &half).status, 207);
+    assert_eq!(proppatch(&s, "/files/g", &half).status, 404);
+    let other_half = format!("<Z:half2>{}</Z:half2>", "x".repeat(40_000));
+    assert_eq!(proppatch(&s, "/files/f", &other_half).status, 507);
+    let r = s.req("PROPPATCH", "/files/f", &[], Body::Bytes(br#"<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:" xmlns:Z="urn:z"><D:remove><D:prop><Z:half/></D:prop></D:remove></D:propertyupdate>"#));
+    assert_eq!(r.status, 207);
+    let many: String = (0..70).map(|i| format!("<Z:p{i}>v</Z:p{i}>")).collect();
+    assert_eq!(proppatch(&s, "/files/f", &many).status, 507);
+    assert_eq!(used_bytes(&s), with_prop.to_string());
+    // Copies count; deleting frees.
+    let r = s.req(
+        "COPY",
+        "/files/f",
+        &[("Destination", "/files/g")],
+        Body::None,
+    );
+    assert_eq!(r.status, 201);
+    let copied: u64 = used_bytes(&s).parse().unwrap();
+    assert_eq!(copied, 10 + 2 * (with_prop - 10));
+    assert_eq!(s.req("DELETE", "/files/g", &[], Body::None).status, 204);
+    assert_eq!(s.req("DELETE", "/files/f", &[], Body::None).status, 204);
+    assert_eq!(used_bytes(&s), "0");
+}
+
+fn lock(s: &Server, path: &str, owner: &str, timeout: &str) -> Response {
+    let body = format!(
+        r#"<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope><D:locktype><D:write/></D:locktype><D:owner>{owner}</D:owner></D:lockinfo>"#
+    );
+    s.req(
+        "LOCK",
+        path,
+        &[("Timeout", timeout)],
+        Body::Bytes(body.as_bytes()),
+    )
+}
+
+#[test]
+fn locks_have_bounded_owners_and_timeouts() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.put("/files/f", b"x").status, 201);
+    let r = lock(&s, "/files/f", &"o".repeat(60_000), "Second-60");
+    assert_eq!(r.status, 423, "a 60 KB owner was taken");
+    for (asked, given) in [
+        ("Second-4294967296", "Second-600"),
+        ("Infinite", "Second-600"),
+        ("Second-30", "Second-30"),
+    ] {
+        let r = lock(&s, "/files/f", "me", asked);
+        assert_eq!(r.status, 200, "{asked}: {}", r.text());
+        assert!(r.text().contains(given), "{asked}: {}", r.text());
+        let token = r.header("lock-token").unwrap().to_owned();
+        let r = s.req("UNLOCK", "/files/f", &[("Lock-Token", &token)], Body::None);
+        assert_eq!(r.status, 204);
+    }
+}
+
+#[test]
+fn small_things_refuse_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    // A quota change must say what it sets.
+    let r = s.req("PUT", "/api/quota", &[], Body::Bytes(b"{}"));
+    assert_eq!(r.status, 400);
+    assert!(s
+        .get("/api/space", &[])
+        .text()
+        .contains("\"quota_bytes\":null"));
+    // Nothing offers what it does not do.
+    assert_eq!(s.put("/files/x", b"x").status, 201);
+    let o = s.req("OPTIONS", "/files/x", &[], Body::None);
+    assert!(
+        !o.header("dav").unwrap_or("").contains("partialupdate"),
+        "{o:?}"
+    );
+    assert!(!o.header("allow").unwrap_or("").contains("PATCH"), "{o:?}");
+    // A file's URL has no trailing slash.
+    assert_eq!(s.get("/files/x/", &[]).status, 404);
+    assert_eq!(
+        s.req("PROPFIND", "/files/x/", &[("Depth", "0")], Body::None)
+            .status,
+        404
+    );
+    assert_eq!(s.put("/files/new/", b"y").status, 409);
+    assert_eq!(s.get("/files/new", &[]).status, 404);
+    // Credentials with stray whitespace are refused under both schemes.
+    let bearer = format!("Bearer  {}", s.token);
+    let basic = format!("Basic {}", base64(&format!("me:{} ", s.token)));
+    for auth in [&bearer, &basic] {
+        let r = request(
+            s.addr,
+            "GET",
+            "/files/x",
+            &[("Authorization", auth)],
+            Body::None,
+        )
+        .unwrap();
+        assert_eq!(r.status, 401, "{auth}");
+    }
+}
+
+/// A chunked upload that runs out of quota is answered 507, and the client
+/// can send its whole body first (no broken pipe).
+#[test]
+fn a_chunked_upload_over_quota_is_read_to_the_end_and_answered_507() {
+    use std::io::{Read, Write};
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    let r = s.req(
+        "PUT",
+        "/api/quota",
+        &[],
+        Body::Bytes(b"{\"bytes\": 1000000}"),
+    );
+    assert_eq!(r.status, 200);
+    for round in 0..5 {
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let head = format!(
+            "PUT /files/big{round} HTTP/1.1\r\nHost: cloudlet\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            s.auth()
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        let chunk = vec![round as u8; 64 << 10];
+        for i in 0..128 {
+            let sent = write!(c, "{:x}\r\n", chunk.len())
+                .and_then(|_| c.write_all(&chunk))
+                .and_then(|_| c.write_all(b"\r\n"));
+            assert!(
+                sent.is_ok(),
+                "round {round}: the body was cut at chunk {i}: {sent:?}"
+            );
+        }
+        c.write_all(b"0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 507"), "round {round}: {out}");
+    }
+    assert_eq!(s.temp_files(), 0);
+}

@@ -98,11 +98,13 @@ impl Authenticator for TokenAuth {
         let value = headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
         let value = value.to_str().map_err(|_| AuthError::Invalid)?;
         let (scheme, rest) = value.split_once(' ').ok_or(AuthError::Invalid)?;
+        // No trimming: a credential with stray whitespace is not the
+        // credential, whichever scheme carries it.
         let given = match scheme.to_ascii_lowercase().as_str() {
-            "bearer" => rest.trim().to_owned(),
+            "bearer" => rest.to_owned(),
             "basic" => {
                 let raw = base64::engine::general_purpose::STANDARD
-                    .decode(rest.trim())
+                    .decode(rest)
                     .map_err(|_| AuthError::Invalid)?;
                 let text = String::from_utf8(raw).map_err(|_| AuthError::Invalid)?;
                 let (_user, pass) = text.split_once(':').ok_or(AuthError::Invalid)?;
@@ -144,6 +146,14 @@ mod tests {
             Err(AuthError::Invalid)
         );
         assert_eq!(a.check(&headers("Digest x")), Err(AuthError::Invalid));
+        // Stray whitespace is refused the same way under both schemes.
+        assert_eq!(a.check(&headers("Bearer 00ff\t")), Err(AuthError::Invalid));
+        assert_eq!(a.check(&headers("Bearer  00ff")), Err(AuthError::Invalid));
+        let spaced = base64::engine::general_purpose::STANDARD.encode("anyone:00ff ");
+        assert_eq!(
+            a.check(&headers(&format!("Basic {spaced}"))),
+            Err(AuthError::Invalid)
+        );
         assert_eq!(
             unauthorized(&AuthError::Missing).status(),
             StatusCode::UNAUTHORIZED

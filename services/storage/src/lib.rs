@@ -10,8 +10,10 @@
 
 pub mod blobs;
 pub mod dav;
+pub mod locks;
 pub mod meta;
 pub mod path;
+pub mod request;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cloudlet_runtime::auth::{unauthorized, Authenticator, TokenAuth};
 use cloudlet_runtime::{health, json, not_found, ServiceOptions};
-use dav_server::{memls::MemLs, DavHandler};
+use dav_server::{DavConfig, DavHandler, DavMethod, DavMethodSet};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -36,6 +38,15 @@ const API_BODY_LIMIT: usize = 4096;
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
+fn boxed_dav<B>(b: B) -> ResponseBody
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    b.map_err(|e| std::io::Error::other(e.into()))
+        .boxed_unsync()
+}
+
 fn boxed(r: Response<cloudlet_runtime::Body>) -> Response<ResponseBody> {
     r.map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }
@@ -44,6 +55,7 @@ fn boxed(r: Response<cloudlet_runtime::Body>) -> Response<ResponseBody> {
 pub struct Storage {
     store: Arc<meta::Store>,
     dir: PathBuf,
+    fs: dav::StoreFs,
     dav: DavHandler,
     auth: Arc<dyn Authenticator>,
 }
@@ -52,16 +64,22 @@ impl Storage {
     /// Opens the engine in `dir` and sets up WebDAV over it.
     pub fn open(dir: PathBuf, auth: Arc<dyn Authenticator>) -> Result<Storage, meta::StoreError> {
         let store = Arc::new(meta::Store::open(&dir)?);
+        let fs = dav::StoreFs::new(store.clone(), dir.clone());
+        // PATCH (sabredav's partial update) is not supported: not offered.
+        let mut methods = DavMethodSet::all();
+        methods.remove(DavMethod::Patch);
         let dav = DavHandler::builder()
-            .filesystem(Box::new(dav::StoreFs::new(store.clone(), dir.clone())))
-            .locksystem(MemLs::new())
+            .filesystem(Box::new(fs.clone()))
+            .locksystem(Box::new(locks::BoundedLocks::default()))
             .strip_prefix(FILES_PREFIX)
+            .methods(methods)
             .autoindex(true)
             .read_buf_size(READ_CHUNK)
             .build_handler();
         Ok(Storage {
             store,
             dir,
+            fs,
             dav,
             auth,
         })
@@ -83,11 +101,30 @@ impl Storage {
             if let Some(r) = check_path(path) {
                 return boxed(r);
             }
-            return self
-                .dav
-                .handle(req)
-                .await
-                .map(|b| b.map_err(std::io::Error::other).boxed_unsync());
+            use request::Special;
+            let mut resp = match request::prepare(req, &self.store).await {
+                Err(r) => return boxed(r.response()),
+                Ok((req, None)) => self.dav.handle(req).await.map(boxed_dav),
+                Ok((req, Some(Special::Tree(op)))) => {
+                    let config = DavConfig::new().filesystem(Box::new(self.fs.for_tree(op)));
+                    self.dav.handle_with(config, req).await.map(boxed_dav)
+                }
+                Ok((req, Some(Special::NamedProps(names)))) => {
+                    let config = DavConfig::new().filesystem(Box::new(self.fs.named_props()));
+                    let resp = self.dav.handle_with(config, req).await;
+                    if resp.status() == StatusCode::MULTI_STATUS {
+                        resp.map(|b| boxed_dav(request::add_missing_props(b, names)))
+                    } else {
+                        resp.map(boxed_dav)
+                    }
+                }
+            };
+            if resp.headers().contains_key("dav") {
+                // dav-server offers sabredav's partial update, which we do not do.
+                resp.headers_mut()
+                    .insert("dav", hyper::header::HeaderValue::from_static("1, 2, 3"));
+            }
+            return resp;
         }
         boxed(match (req.method(), path) {
             (&Method::GET, "/") => json(
@@ -119,10 +156,16 @@ impl Storage {
     }
 
     async fn set_quota(&self, req: Request<Incoming>) -> Response<cloudlet_runtime::Body> {
+        // `bytes` must be there: a number, or null to lift the quota (a
+        // missing field must not lift it silently).
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct SetQuota {
+            #[serde(deserialize_with = "present")]
             bytes: Option<u64>,
+        }
+        fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            serde::Deserialize::deserialize(d)
         }
         let body = match http_body_util::Limited::new(req.into_body(), API_BODY_LIMIT)
             .collect()

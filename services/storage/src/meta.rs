@@ -27,6 +27,15 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const INLINE: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("inline");
 const USED: &str = "used";
 const QUOTA: &str = "quota";
+/// Bytes of dead properties on all entries (counted in [`Store::used`]).
+const PROPS: &str = "props";
+/// The metadata database's page cache: enough for the hot part of a large
+/// tree, small beside a 1 GiB box's memory.
+pub const CACHE_BYTES: usize = 16 << 20;
+/// Most dead properties on one entry.
+pub const MAX_PROPS: usize = 64;
+/// Most bytes of dead properties on one entry (names and values).
+pub const MAX_PROPS_BYTES: u64 = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
@@ -65,6 +74,19 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Bytes its dead properties take (names and values).
+    pub fn props_bytes(&self) -> u64 {
+        self.props
+            .iter()
+            .map(|p| {
+                (p.name.len()
+                    + p.xml.len()
+                    + p.namespace.as_ref().map_or(0, String::len)
+                    + p.prefix.as_ref().map_or(0, String::len)) as u64
+            })
+            .sum()
+    }
+
     /// A strong ETag: the content hash for files, the path's mtime for folders.
     pub fn etag(&self) -> String {
         match &self.kind {
@@ -106,6 +128,11 @@ pub enum StoreError {
     /// storing this would pass the box's quota
     #[error("the quota of {quota} bytes would be passed ({used} used, {more} more)")]
     OverQuota { quota: u64, used: u64, more: u64 },
+    /// an entry may carry only so many dead properties
+    #[error(
+        "{0:?} would have more than {MAX_PROPS} properties or {MAX_PROPS_BYTES} bytes of them"
+    )]
+    TooManyProps(String),
 }
 
 impl StoreError {
@@ -226,11 +253,27 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Releases (`delta` -1) or adds (+1) a reference for each file in `entry`.
+    /// Releases (`delta` -1) or adds (+1) a reference for each file in
+    /// `entry`, and its dead properties' bytes.
     fn reference(&mut self, entry: &Entry, delta: i64) -> Result<(), StoreError> {
         if let Kind::File { blob, size, .. } = &entry.kind {
             self.adjust(blob, *size, delta)?;
         }
+        let bytes = entry.props_bytes();
+        if bytes > 0 {
+            self.adjust_props(bytes, delta > 0)?;
+        }
+        Ok(())
+    }
+
+    fn adjust_props(&mut self, bytes: u64, add: bool) -> Result<(), StoreError> {
+        let now = self.counter(PROPS)?.unwrap_or(0);
+        let new = if add {
+            now.saturating_add(bytes)
+        } else {
+            now.saturating_sub(bytes)
+        };
+        self.counters.insert(PROPS, new).map_err(dberr)?;
         Ok(())
     }
 }
@@ -347,7 +390,11 @@ impl Store {
             path: dir.to_owned(),
             source,
         })?;
-        let db = Database::create(dir.join("metadata.redb")).map_err(dberr)?;
+        // redb's default cache is 1 GiB: most of a small box's memory.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join("metadata.redb"))
+            .map_err(dberr)?;
         let blobs = BlobStore::open(dir)?;
         let s = Store {
             db,
@@ -415,6 +462,49 @@ impl Store {
             .filter(|(p, _)| parent(p) == dir)
             .map(|(p, e)| (p.rsplit('/').next().unwrap_or("").to_owned(), e))
             .collect())
+    }
+
+    /// Whether a folder has anything in it (one look-up, whatever its size).
+    pub fn has_children(&self, dir: &str) -> Result<bool, StoreError> {
+        let dir = normalize(dir)?;
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let entries = txn.open_table(ENTRIES).map_err(dberr)?;
+        for item in entries.range(prefix.as_str()..).map_err(dberr)? {
+            let (k, _) = item.map_err(dberr)?;
+            let k = k.value();
+            if k.is_empty() {
+                continue;
+            }
+            return Ok(k.starts_with(&prefix));
+        }
+        Ok(false)
+    }
+
+    /// Makes an empty folder at `path`; with `replace`, whatever is there
+    /// goes in the same transaction (COPY of a folder at Depth 0).
+    pub fn replace_with_dir(&self, path: &str, replace: bool) -> Result<(), StoreError> {
+        let path = normalize(path)?;
+        if path.is_empty() {
+            return Err(StoreError::IsDir(path));
+        }
+        self.change(move |tx| {
+            if let Some(old) = get(&tx.entries, &path)? {
+                if !replace {
+                    return Err(StoreError::Exists(path.clone()));
+                }
+                remove_tree(tx, &path, old)?;
+            }
+            require_parent(&tx.entries, &path)?;
+            put_entry(tx, &path, &dir_entry())?;
+            touch_parent(tx, &path)?;
+            Ok(None)
+        })
+        .map(drop)
     }
 
     pub fn mkdir(&self, path: &str) -> Result<(), StoreError> {
@@ -595,11 +685,31 @@ impl Store {
             let Some(mut e) = get(&tx.entries, &path)? else {
                 return Err(StoreError::NotFound(path.clone()));
             };
+            let before = e.props_bytes();
             for (set, p) in &patch {
                 e.props.retain(|q| !same_prop(q, &p.namespace, &p.name));
                 if *set {
                     e.props.push(p.clone());
                 }
+            }
+            let after = e.props_bytes();
+            if after > before && (e.props.len() > MAX_PROPS || after > MAX_PROPS_BYTES) {
+                return Err(StoreError::TooManyProps(path.clone()));
+            }
+            if after > before {
+                let used = tx.counter(USED)?.unwrap_or(0) + tx.counter(PROPS)?.unwrap_or(0);
+                if let Some(quota) = tx.counter(QUOTA)? {
+                    if used + (after - before) > quota {
+                        return Err(StoreError::OverQuota {
+                            quota,
+                            used,
+                            more: after - before,
+                        });
+                    }
+                }
+                tx.adjust_props(after - before, true)?;
+            } else {
+                tx.adjust_props(before - after, false)?;
             }
             put_entry(tx, &path, &e)?;
             Ok(None)
@@ -630,9 +740,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Bytes the stored content takes (each distinct content counted once).
+    /// Bytes the stored content takes (each distinct content counted
+    /// once), and the dead properties.
     pub fn used(&self) -> Result<u64, StoreError> {
-        self.counter(USED).map(|v| v.unwrap_or(0))
+        let content = self.counter(USED)?.unwrap_or(0);
+        Ok(content.saturating_add(self.counter(PROPS)?.unwrap_or(0)))
     }
 
     /// The box's quota in bytes, if one is set.
