@@ -1027,3 +1027,60 @@ fn a_chunked_upload_over_quota_is_read_to_the_end_and_answered_507() {
     }
     assert_eq!(s.temp_files(), 0);
 }
+
+/// The service's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Three readers of a large file at once: the service maps only the chunks
+/// in flight (a map of the whole file showed as its size in RSS per reader).
+#[test]
+fn parallel_reads_of_a_large_file_keep_memory_small() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    let data = Rng(9).fill(96 << 20);
+    assert_eq!(s.put("/files/movie.mkv", &data).status, 201);
+    let before = rss_kib(s.child.id());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (pid, flag) = (s.child.id(), done.clone());
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak
+    });
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, auth) = (s.addr, s.auth());
+            std::thread::spawn(move || {
+                let r = request(
+                    addr,
+                    "GET",
+                    "/files/movie.mkv",
+                    &[("Authorization", &auth)],
+                    Body::None,
+                )
+                .unwrap();
+                (r.status, blake3::hash(&r.body))
+            })
+        })
+        .collect();
+    let want = blake3::hash(&data);
+    for r in readers {
+        assert_eq!(r.join().unwrap(), (200, want));
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().unwrap();
+    assert!(
+        peak < before + 32 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB reading a 96 MiB file three times"
+    );
+}
