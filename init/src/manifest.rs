@@ -48,6 +48,10 @@ fn default_ready() -> Readiness {
 fn default_restart() -> RestartPolicy {
     RestartPolicy::Always
 }
+/// Longest duration a manifest may give: bounds every deadline init
+/// computes from one (a year-scale value would overflow `Instant`).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 86_400);
+
 fn default_backoff_initial() -> Duration {
     Duration::from_millis(200)
 }
@@ -161,6 +165,20 @@ impl Manifest {
                 )),
                 Some(_) => {}
             }
+            for (what, d) in [
+                ("backoff-initial", s.backoff_initial),
+                ("backoff-max", s.backoff_max),
+                ("stable-after", s.stable_after),
+                ("stop-timeout", s.stop_timeout),
+            ] {
+                if d > MAX_DURATION {
+                    errors.push(format!(
+                        "service {:?}: {what} is longer than {} days",
+                        s.name,
+                        MAX_DURATION.as_secs() / 86_400
+                    ));
+                }
+            }
             if s.backoff_initial.is_zero() {
                 errors.push(format!(
                     "service {:?}: backoff-initial must be more than zero",
@@ -266,6 +284,22 @@ fn topo_order(services: &[ServiceSpec]) -> Result<Vec<usize>, Vec<String>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_past_a_week_are_refused() {
+        let text = r#"
+            [[service]]
+            name = "a"
+            exec = ["/bin/a"]
+            backoff-initial = "300000000000y"
+            backoff-max = "300000000000y"
+            stop-timeout = "8days"
+        "#;
+        let e = Manifest::parse(text).unwrap_err();
+        let all = e.0.join("\n");
+        assert!(all.contains("backoff-initial is longer"), "{all}");
+        assert!(all.contains("stop-timeout is longer"), "{all}");
+    }
 
     #[test]
     fn parses_defaults_and_orders_by_dependency() {

@@ -157,7 +157,8 @@ async fn main(opts: Options) -> Result<(), String> {
 
     let manifest = load_manifest(&opts.manifest);
     let services: Vec<_> = manifest
-        .services
+        .map(|m| m.services)
+        .unwrap_or_default()
         .into_iter()
         .filter(|s| match &s.only_if {
             Some(v) => vars.contains_key(v),
@@ -193,8 +194,14 @@ async fn main(opts: Options) -> Result<(), String> {
         });
     }
 
+    // No services (a manifest that failed to load, or names none) is never
+    // a healthy boot: the supervisor never reports all ready, so the slot
+    // is not committed and the boot counter falls back; the LED says so.
     let led_base = if init_data_failed(&opts, &data) {
         LedState::Error(ErrorClass::Storage)
+    } else if services.is_empty() {
+        tracing::error!("no services to run; this boot will not be marked good");
+        LedState::Error(ErrorClass::Service)
     } else {
         LedState::Booting
     };
@@ -273,23 +280,20 @@ async fn main(opts: Options) -> Result<(), String> {
     Ok(())
 }
 
-fn load_manifest(path: &Path) -> Manifest {
+/// The manifest, or `None` (logged) when it cannot be read or parsed.
+fn load_manifest(path: &Path) -> Option<Manifest> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "cannot read the service manifest; running no services");
-            return Manifest {
-                services: Vec::new(),
-            };
+            return None;
         }
     };
     match Manifest::parse(&text) {
-        Ok(m) => m,
+        Ok(m) => Some(m),
         Err(e) => {
             tracing::error!(path = %path.display(), "{e}; running no services");
-            Manifest {
-                services: Vec::new(),
-            }
+            None
         }
     }
 }

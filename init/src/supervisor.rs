@@ -237,7 +237,7 @@ impl Supervisor {
         if self.shutting_down {
             // Raced with a shutdown request: stop it at once.
             r.state = ServiceState::Stopping;
-            r.deadline = Some(now + spec.stop_timeout);
+            r.deadline = Some(later(now, spec.stop_timeout));
             out.push(Action::Signal {
                 svc,
                 pid,
@@ -292,7 +292,7 @@ impl Supervisor {
             return;
         }
         r.state = ServiceState::Backoff;
-        r.deadline = Some(now + backoff(spec, r.failures));
+        r.deadline = Some(later(now, backoff(spec, r.failures)));
     }
 
     fn on_restart_request(&mut self, svc: usize, now: Instant, out: &mut Vec<Action>) {
@@ -311,7 +311,7 @@ impl Supervisor {
                 if r.state != ServiceState::Stopping {
                     r.restart_pending = true;
                     r.state = ServiceState::Stopping;
-                    r.deadline = Some(now + spec.stop_timeout);
+                    r.deadline = Some(later(now, spec.stop_timeout));
                     out.push(Action::Signal {
                         svc,
                         pid,
@@ -381,7 +381,7 @@ impl Supervisor {
                         .unwrap_or_default();
                     if let Some(r) = self.rt.get_mut(svc) {
                         r.state = ServiceState::Stopping;
-                        r.deadline = Some(now + stop);
+                        r.deadline = Some(later(now, stop));
                         if let Some(pid) = r.pid {
                             out.push(Action::Signal {
                                 svc,
@@ -411,11 +411,24 @@ impl Supervisor {
                 out.push(Action::Spawn(svc));
             }
         }
-        if !self.all_ready_sent && self.rt.iter().all(|r| r.state == ServiceState::Ready) {
+        // All of zero services is no healthy boot: a manifest that names
+        // none (or failed to load) never reports ready.
+        if !self.all_ready_sent
+            && !self.rt.is_empty()
+            && self.rt.iter().all(|r| r.state == ServiceState::Ready)
+        {
             self.all_ready_sent = true;
             out.push(Action::AllReady);
         }
     }
+}
+
+/// `now + d` that cannot overflow: a deadline past what `Instant` holds is
+/// as good as never (the manifest bounds durations; this bounds arithmetic).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(crate::manifest::MAX_DURATION))
+        .unwrap_or(now)
 }
 
 /// initial * 2^(failures-1), capped at max.
@@ -448,6 +461,25 @@ mod tests {
         exec = ["/web"]
         after = ["db"]
     "#;
+
+    #[test]
+    fn no_services_is_never_all_ready() {
+        let mut s = Supervisor::new(Vec::new());
+        let t0 = Instant::now();
+        assert!(s.start(t0).is_empty());
+        assert!(s.handle(Event::Tick, t0).is_empty());
+        assert!(!s.all_ready());
+    }
+
+    #[test]
+    fn a_deadline_past_what_instant_holds_does_not_panic() {
+        let now = Instant::now();
+        assert!(later(now, Duration::MAX) > now);
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+    }
 
     #[test]
     fn starts_in_dependency_order_and_reports_all_ready_once() {
