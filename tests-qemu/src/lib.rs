@@ -92,10 +92,14 @@ impl Disk {
             );
         }
         let dir = tempfile::Builder::new().prefix("cloudlet-vm-").tempdir()?;
+        Disk::overlay(dir, &image, size)
+    }
+
+    fn overlay(dir: tempfile::TempDir, image: &Path, size: &str) -> Result<Disk> {
         let path = dir.path().join("disk.qcow2");
         let st = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&image)
+            .arg(image)
             .arg(&path)
             .arg(size)
             .status()
@@ -105,6 +109,55 @@ impl Disk {
         }
         Ok(Disk { dir, path })
     }
+
+    /// The built image with its root filesystem (slot A) changed by `edit`,
+    /// which gets the unpacked root to change: a release that differs from
+    /// the one built, as a bad update would bring.
+    pub fn with_rootfs(size: &str, edit: impl FnOnce(&Path) -> Result<()>) -> Result<Disk> {
+        let dir = tempfile::Builder::new().prefix("cloudlet-vm-").tempdir()?;
+        let raw = dir.path().join("image.raw");
+        run(Command::new("cp")
+            .arg("--sparse=always")
+            .arg(out_dir().join("cloudlet-qemu-aarch64.img"))
+            .arg(&raw))?;
+        let tree = dir.path().join("rootfs");
+        run(Command::new("unsquashfs")
+            .args(["-q", "-n", "-d"])
+            .arg(&tree)
+            .arg(out_dir().join("rootfs.squashfs")))?;
+        edit(&tree)?;
+        let fs = dir.path().join("rootfs.squashfs");
+        run(Command::new("mksquashfs").arg(&tree).arg(&fs).args([
+            "-comp",
+            "lz4",
+            "-Xhc",
+            "-all-root",
+            "-noappend",
+            "-quiet",
+            "-no-progress",
+        ]))?;
+        let (offset, len) = Disk::partition_of(&raw, 2)?;
+        let bytes = std::fs::metadata(&fs)?.len();
+        if bytes > len {
+            bail!("the changed root ({bytes} bytes) does not fit slot A ({len} bytes)");
+        }
+        run(Command::new("dd")
+            .arg(format!("if={}", fs.display()))
+            .arg(format!("of={}", raw.display()))
+            .args(["bs=512", "conv=notrunc,fsync", "status=none"])
+            .arg(format!("seek={}", offset / 512)))?;
+        Disk::overlay(dir, &raw, size)
+    }
+}
+
+/// Runs a command to success or says which one failed.
+fn run(cmd: &mut Command) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        bail!("{what} failed: {st}");
+    }
+    Ok(())
 }
 
 /// A line the kernel or init logged on the console: `[    1.234] ...`.
@@ -119,8 +172,13 @@ fn is_log_line(l: &str) -> bool {
 impl Disk {
     /// Byte offset and length of MBR partition `n` (1..=4) of the built image.
     pub fn partition(&self, n: usize) -> Result<(u64, u64)> {
+        Disk::partition_of(&out_dir().join("cloudlet-qemu-aarch64.img"), n)
+    }
+
+    /// Byte offset and length of MBR partition `n` (1..=4) of a raw image.
+    fn partition_of(image: &Path, n: usize) -> Result<(u64, u64)> {
         let mut mbr = [0u8; 512];
-        std::fs::File::open(out_dir().join("cloudlet-qemu-aarch64.img"))?.read_exact(&mut mbr)?;
+        std::fs::File::open(image)?.read_exact(&mut mbr)?;
         let e = 446 + 16 * (n - 1);
         let le = |o: usize| u32::from_le_bytes([mbr[o], mbr[o + 1], mbr[o + 2], mbr[o + 3]]) as u64;
         Ok((le(e + 8) * 512, le(e + 12) * 512))

@@ -24,7 +24,6 @@ use cloudlet_runtime::{health, json, not_found, ServiceOptions};
 use dav_server::{DavConfig, DavHandler, DavMethod, DavMethodSet};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
 pub const NAME: &str = "storage";
@@ -89,7 +88,12 @@ impl Storage {
         &self.store
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    /// Answers one request (any body type: the runtime wraps hyper's).
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let path = req.uri().path();
         if path == "/health" {
             return boxed(health(NAME));
@@ -155,7 +159,11 @@ impl Storage {
         }
     }
 
-    async fn set_quota(&self, req: Request<Incoming>) -> Response<cloudlet_runtime::Body> {
+    async fn set_quota<B>(&self, req: Request<B>) -> Response<cloudlet_runtime::Body>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         // `bytes` must be there: a number, or null to lift the quota (a
         // missing field must not lift it silently).
         #[derive(serde::Deserialize)]
