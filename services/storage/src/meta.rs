@@ -445,7 +445,10 @@ impl Store {
         get(&entries, &path)
     }
 
-    /// Direct children of a folder, by name.
+    /// Direct children of a folder, by name. Costs what the folder holds,
+    /// not what is below it: keys sort so that a child's subtree ("a/...")
+    /// lies between "a/" and "a0" ('0' follows '/'), and the scan jumps over
+    /// each subtree instead of reading it.
     pub fn list(&self, dir: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let dir = normalize(dir)?;
         let txn = self.db.begin_read().map_err(dberr)?;
@@ -457,11 +460,39 @@ impl Store {
             Some(_) => return Err(StoreError::IsDir(dir)),
             None => return Err(StoreError::NotFound(dir)),
         }
-        Ok(descendants(&entries, &dir)?
-            .into_iter()
-            .filter(|(p, _)| parent(p) == dir)
-            .map(|(p, e)| (p.rsplit('/').next().unwrap_or("").to_owned(), e))
-            .collect())
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut out = Vec::new();
+        let mut from = prefix.clone();
+        'seek: loop {
+            for item in entries.range(from.as_str()..).map_err(dberr)? {
+                let (k, v) = item.map_err(dberr)?;
+                let key = k.value();
+                let Some(rest) = key.strip_prefix(prefix.as_str()) else {
+                    break 'seek;
+                };
+                if rest.is_empty() {
+                    continue;
+                }
+                match rest.split_once('/') {
+                    // Below a child: skip the child's whole subtree.
+                    Some((child, _)) => {
+                        from = format!("{prefix}{child}0");
+                        continue 'seek;
+                    }
+                    None => {
+                        if let Some(e) = decode(v.value()) {
+                            out.push((rest.to_owned(), e));
+                        }
+                    }
+                }
+            }
+            break;
+        }
+        Ok(out)
     }
 
     /// Whether a folder has anything in it (one look-up, whatever its size).
@@ -922,6 +953,48 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listing_skips_subtrees_and_matches_a_full_scan() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        // Names whose bytes sort around '/' and '0', nested at several depths.
+        for dir in [
+            "a", "a/x", "a/x/y", "a0", "b", "b/a", "b/a b", "b/a/c", "b/a/c/d",
+        ] {
+            s.mkdir(dir).unwrap();
+        }
+        for f in [
+            "a b",
+            "a-",
+            "a.txt",
+            "a/x/f",
+            "a/x/y/g",
+            "a0/h",
+            "b/a-",
+            "b/a/c/d/e",
+            "b/a0",
+            "z",
+        ] {
+            let up = s.begin().unwrap();
+            s.put(f, up, "text/plain").unwrap();
+        }
+        let all = s.walk().unwrap();
+        for dir in [
+            "", "a", "a/x", "a/x/y", "a0", "b", "b/a", "b/a/c", "b/a/c/d", "b/a b",
+        ] {
+            let mut want: Vec<String> = all
+                .iter()
+                .filter(|(p, _)| parent(p) == dir)
+                .map(|(p, _)| p.rsplit('/').next().unwrap().to_owned())
+                .collect();
+            want.sort();
+            let mut got: Vec<String> = s.list(dir).unwrap().into_iter().map(|(n, _)| n).collect();
+            got.sort();
+            assert_eq!(got, want, "listing {dir:?}");
+            assert_eq!(s.has_children(dir).unwrap(), !want.is_empty(), "{dir:?}");
+        }
+    }
 
     #[test]
     fn a_panicking_change_fails_alone_and_nothing_hangs() {
