@@ -3,10 +3,24 @@
 //! * [`notify_ready`]: write `READY` to the descriptor init passed in
 //!   `CLOUDLET_READY_FD` once the service accepts requests.
 //! * [`serve`]: an HTTP/1.1 server loop on one listener that stops accepting
-//!   on SIGTERM/SIGINT and lets requests in flight finish.
+//!   on SIGTERM/SIGINT and lets requests in flight finish. It holds every
+//!   client to [`Limits`]: a cap on connections in all and per peer address,
+//!   a deadline for request heads (which also closes idle keep-alive
+//!   connections) and one for request bodies that stop arriving
+//!   ([`RequestBody`]), so a flood, a slowloris or a stalled upload from one
+//!   host cannot take the service from the others.
 //! * [`health`]: the `/health` answer every service gives.
 
 pub mod auth;
+mod body;
+mod conn_limit;
+mod limits;
+
+pub use body::{BodyError, IdleTimeout, RequestBody};
+pub use limits::{
+    raise_open_file_limit, Limits, LimitsError, BODY_IDLE_TIMEOUT_VAR, HEADER_TIMEOUT_VAR,
+    OPEN_FILE_LIMIT,
+};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,13 +28,18 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use conn_limit::{ConnLimiter, RateLimitedLog};
 
 pub type Body = Full<Bytes>;
 
@@ -114,7 +133,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Binds `addr`, reports ready, serves `handler` until `shutdown` resolves,
-/// then waits (up to `grace`) for requests in flight.
+/// then waits (up to `grace`) for requests in flight. [`Limits::default`] apply.
 pub async fn serve<H, F, B>(
     addr: SocketAddr,
     handler: H,
@@ -122,14 +141,30 @@ pub async fn serve<H, F, B>(
     grace: Duration,
 ) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
+    serve_with(addr, Limits::default(), handler, shutdown, grace).await
+}
+
+/// [`serve`] with the given limits.
+pub async fn serve_with<H, F, B>(
+    addr: SocketAddr,
+    limits: Limits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: ResponseBody,
 {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     notify_ready()?;
-    serve_listener(listener, handler, shutdown, grace).await
+    serve_listener_with(listener, limits, handler, shutdown, grace).await
 }
 
 /// [`serve`] on a listener the caller bound (tests bind port 0).
@@ -140,86 +175,126 @@ pub async fn serve_listener<H, F, B>(
     grace: Duration,
 ) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
+    serve_listener_with(listener, Limits::default(), handler, shutdown, grace).await
+}
+
+/// The server loop: [`serve_listener`] with the given limits.
+///
+/// On `shutdown` it stops accepting, closes idle keep-alive connections at
+/// once, lets requests in flight finish (their connections close after the
+/// answer) for up to `grace`, then cuts what is still open.
+pub async fn serve_listener_with<H, F, B>(
+    listener: TcpListener,
+    limits: Limits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: ResponseBody,
 {
     let handler = Arc::new(handler);
-    let tracker = tokio_util_tracker::Tracker::default();
+    let conns = ConnLimiter::new(limits.max_connections, limits.max_connections_per_ip);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Without a timer hyper enforces no timeout at all.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let tasks = TaskTracker::new();
+    // Cancelled when the grace period is over: ends the connections left.
+    let cut = CancellationToken::new();
+    let mut accept_failures = RateLimitedLog::new(Duration::from_secs(1));
+    let mut refusals = RateLimitedLog::new(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept");
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    if let Some(held_back) = accept_failures.allow(Instant::now()) {
+                        tracing::warn!(error = %e, held_back, "accept");
+                    }
+                    // Out of descriptors or memory, the listener stays
+                    // readable and accept fails again at once: wait for
+                    // connections to end instead of spinning.
+                    if out_of_resources(&e) {
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
                     }
-                };
-                // Answers go out as soon as they are written: a response head
-                // and a small body in two writes must not wait on Nagle and the
-                // peer's delayed ACK (40 ms per small file otherwise).
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let guard = tracker.enter();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let h = handler.clone();
-                        async move { Ok::<_, Infallible>(h(req).await) }
-                    });
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await
-                    {
-                        tracing::debug!(error = %e, "connection");
-                    }
-                    drop(guard);
-                });
+                    continue;
+                }
+            },
+        };
+        let permit = match conns.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                // Accepted and closed at once rather than left unaccepted:
+                // a full kernel backlog would stall every other client's
+                // connect, not just this peer's.
+                if let Some(held_back) = refusals.allow(Instant::now()) {
+                    tracing::warn!(%peer, reason = %why, held_back, "connection refused");
+                }
+                drop(stream);
+                continue;
             }
-        }
+        };
+        // Answers go out as soon as they are written: a response head
+        // and a small body in two writes must not wait on Nagle and the
+        // peer's delayed ACK (40 ms per small file otherwise).
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let body_idle_timeout = limits.body_idle_timeout;
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let h = handler.clone();
+            let req = req.map(|b| IdleTimeout::new(b, body_idle_timeout));
+            async move { Ok::<_, Infallible>(h(req).await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        let cut = cut.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection");
+                },
+                _ = cut.cancelled() => tracing::debug!(%peer, "connection cut at shutdown"),
+            }
+            drop(permit);
+        });
     }
-    tracing::info!("stopping");
-    let _ = tokio::time::timeout(grace, tracker.idle()).await;
+    // New connections are refused by the kernel from here on, not queued.
+    drop(listener);
+    tracing::info!(open = graceful.count(), "stopping");
+    tasks.close();
+    // Tells every connection to finish: idle ones close now, busy ones
+    // after their answer.
+    let finished = async {
+        graceful.shutdown().await;
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(grace, finished).await.is_err() {
+        tracing::warn!(grace = ?grace, "requests still running after the grace period: cut");
+        cut.cancel();
+        tasks.wait().await;
+    }
     Ok(())
 }
 
-/// Counts connections in flight so shutdown can wait for them.
-mod tokio_util_tracker {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use tokio::sync::Notify;
-
-    #[derive(Default, Clone)]
-    pub struct Tracker(Arc<(AtomicUsize, Notify)>);
-
-    pub struct Guard(Arc<(AtomicUsize, Notify)>);
-
-    impl Tracker {
-        pub fn enter(&self) -> Guard {
-            self.0 .0.fetch_add(1, Ordering::SeqCst);
-            Guard(self.0.clone())
-        }
-        pub async fn idle(&self) {
-            loop {
-                let notified = self.0 .1.notified();
-                if self.0 .0.load(Ordering::SeqCst) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        }
-    }
-
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if self.0 .0.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.0 .1.notify_waiters();
-            }
-        }
-    }
+/// Accept failures that say the process or the system has run out of
+/// something (descriptors, buffers), as opposed to one connection's trouble.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|n| {
+        matches!(
+            Errno::from_raw(n),
+            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM
+        )
+    })
 }
 
 /// Status code helper for handlers.
@@ -242,7 +317,7 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve_listener(
             listener,
-            |req: Request<Incoming>| async move {
+            |req: Request<RequestBody>| async move {
                 if req.uri().path() == "/health" {
                     health("test")
                 } else {
@@ -271,6 +346,351 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// How long a test waits for what it expects before failing: longer
+    /// than any timeout a test waits out, shorter than [`LONG`].
+    const GUARD: Duration = Duration::from_secs(10);
+    /// A timeout that must not fire during a test.
+    const LONG: Duration = Duration::from_secs(120);
+    /// A timeout a test waits out.
+    const SHORT: Duration = Duration::from_millis(300);
+
+    /// A server on loopback with a handler for every case: `/health`,
+    /// `/slow` (answers once the test releases it), `/upload` (reads the
+    /// whole body, answers 500 with the error when that fails).
+    struct Harness {
+        addr: SocketAddr,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+        /// Notified when a `/slow` request has reached the handler.
+        entered: Arc<tokio::sync::Notify>,
+        /// Lets one `/slow` request answer.
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    fn start(limits: Limits, grace: Duration) -> Harness {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let listener = TcpListener::from_std(std_listener).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let entered = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (e, r) = (entered.clone(), release.clone());
+        let handler = move |req: Request<RequestBody>| {
+            let (entered, release) = (e.clone(), r.clone());
+            async move {
+                use http_body_util::BodyExt;
+                let plain = "text/plain; charset=utf-8";
+                match req.uri().path() {
+                    "/health" => health("test"),
+                    "/slow" => {
+                        entered.notify_one();
+                        release.notified().await;
+                        text(StatusCode::OK, plain, "finished")
+                    }
+                    "/upload" => match req.into_body().collect().await {
+                        Ok(b) => text(StatusCode::OK, plain, format!("{}", b.to_bytes().len())),
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, e.to_string()),
+                    },
+                    _ => not_found(),
+                }
+            }
+        };
+        let server = tokio::spawn(serve_listener_with(
+            listener,
+            limits,
+            handler,
+            async {
+                let _ = stopped.await;
+            },
+            grace,
+        ));
+        Harness {
+            addr,
+            stop: Some(stop),
+            server,
+            entered,
+            release,
+        }
+    }
+
+    impl Harness {
+        async fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            tokio::time::timeout(GUARD, self.server)
+                .await
+                .expect("the server stops")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Limits that never get in the way of a test but for what it changes.
+    fn roomy() -> Limits {
+        Limits {
+            max_connections: 1000,
+            max_connections_per_ip: 1000,
+            header_read_timeout: LONG,
+            body_idle_timeout: LONG,
+        }
+    }
+
+    /// A connection to `addr` from the loopback address `from`.
+    async fn connect_from(from: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((from, 0))).unwrap();
+        s.connect(addr).await.unwrap()
+    }
+
+    async fn send(s: &mut tokio::net::TcpStream, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one response (status and body; bodies have Content-Length).
+    async fn response(s: &mut tokio::net::TcpStream) -> (u16, String) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let read = async {
+            loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if buf.len() >= end + 4 + len {
+                        let status = head[9..12].parse().unwrap();
+                        let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]);
+                        return (status, body.into_owned());
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before a whole response: {buf:?}");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(GUARD, read).await.expect("an answer")
+    }
+
+    async fn get(s: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
+        send(
+            s,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .await;
+        response(s).await
+    }
+
+    /// Waits for the server to close `s`; returns what it sent before.
+    async fn closed_by_server(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let read = async {
+            loop {
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
+                    Ok(0) => return,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    // A close with unread data in the server's buffer is a reset.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                    Err(e) => panic!("reading: {e}"),
+                }
+            }
+        };
+        tokio::time::timeout(GUARD, read)
+            .await
+            .expect("the server closes the connection");
+        got
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn header_timeout_closes_a_silent_connection_and_a_slow_head() {
+        let h = start(
+            Limits {
+                header_read_timeout: SHORT,
+                ..roomy()
+            },
+            GUARD,
+        );
+        let mut silent = connect_from([127, 0, 0, 1], h.addr).await;
+        // Slowloris: a head begun and never finished.
+        let mut slow = connect_from([127, 0, 0, 1], h.addr).await;
+        send(&mut slow, b"GET /health HTTP/1.1\r\nHost: x\r\n").await;
+        assert_eq!(closed_by_server(&mut silent).await, b"");
+        assert_eq!(closed_by_server(&mut slow).await, b"");
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn header_timeout_also_closes_an_idle_keep_alive_connection() {
+        let h = start(
+            Limits {
+                header_read_timeout: SHORT,
+                ..roomy()
+            },
+            GUARD,
+        );
+        let mut s = connect_from([127, 0, 0, 1], h.addr).await;
+        assert_eq!(get(&mut s, "/health").await.0, 200);
+        // Kept alive after the answer, then nothing more from the client.
+        assert_eq!(closed_by_server(&mut s).await, b"");
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn per_ip_cap_closes_extra_connections_from_one_peer_while_others_are_served() {
+        let h = start(
+            Limits {
+                max_connections_per_ip: 4,
+                ..roomy()
+            },
+            GUARD,
+        );
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(connect_from([127, 0, 0, 1], h.addr).await);
+        }
+        // The server accepts in order, so these come after the four.
+        let mut extra = Vec::new();
+        for _ in 0..3 {
+            extra.push(connect_from([127, 0, 0, 1], h.addr).await);
+        }
+        for s in &mut extra {
+            assert_eq!(closed_by_server(s).await, b"", "closed unanswered");
+        }
+        // Another host is not locked out.
+        let mut other = connect_from([127, 0, 0, 2], h.addr).await;
+        assert_eq!(get(&mut other, "/health").await.0, 200);
+        // The flooding peer's connections within the cap still work.
+        assert_eq!(get(&mut held[0], "/health").await.0, 200);
+        // And once one of them ends, the peer may connect again. The server
+        // may see the new connection before the old one's end and refuse
+        // it: then the client tries again.
+        drop(held.pop());
+        let mut answered = false;
+        for _ in 0..100 {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut again = connect_from([127, 0, 0, 1], h.addr).await;
+            let _ = again
+                .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await;
+            let mut status = [0u8; 12];
+            if again.read_exact(&mut status).await.is_ok() && status.ends_with(b"200") {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            answered,
+            "a place freed by a closed connection is given again"
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn total_cap_closes_connections_over_it_from_any_peer() {
+        let h = start(
+            Limits {
+                max_connections: 3,
+                ..roomy()
+            },
+            GUARD,
+        );
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(connect_from([127, 0, 0, 1], h.addr).await);
+        }
+        let mut over = connect_from([127, 0, 0, 3], h.addr).await;
+        assert_eq!(closed_by_server(&mut over).await, b"");
+        assert_eq!(get(&mut held[2], "/health").await.0, 200);
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn body_idle_timeout_fails_a_stalled_body_for_the_handler() {
+        let h = start(
+            Limits {
+                body_idle_timeout: SHORT,
+                ..roomy()
+            },
+            GUARD,
+        );
+        let mut s = connect_from([127, 0, 0, 1], h.addr).await;
+        send(
+            &mut s,
+            b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789",
+        )
+        .await;
+        let (status, body) = response(&mut s).await;
+        assert_eq!(status, 500);
+        assert_eq!(
+            body,
+            BodyError::<Infallible>::Idle(SHORT).to_string(),
+            "the handler saw the idle error"
+        );
+        // The rest of the body never came: the connection cannot be reused.
+        closed_by_server(&mut s).await;
+        // A body that arrives in full is unaffected.
+        let mut s = connect_from([127, 0, 0, 1], h.addr).await;
+        send(
+            &mut s,
+            b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789",
+        )
+        .await;
+        assert_eq!(response(&mut s).await, (200, "10".to_owned()));
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn shutdown_closes_idle_keep_alive_connections_and_lets_a_request_in_flight_finish() {
+        let h = start(roomy(), LONG);
+        let mut idle = connect_from([127, 0, 0, 1], h.addr).await;
+        assert_eq!(get(&mut idle, "/health").await.0, 200);
+        let mut busy = connect_from([127, 0, 0, 1], h.addr).await;
+        send(&mut busy, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        tokio::time::timeout(GUARD, h.entered.notified())
+            .await
+            .expect("the slow request reaches its handler");
+        let Harness {
+            addr,
+            mut stop,
+            server,
+            release,
+            ..
+        } = h;
+        let _ = stop.take().unwrap().send(());
+        // Closed at once, with no answer, though the grace period is long.
+        assert_eq!(closed_by_server(&mut idle).await, b"");
+        // No new connections once stopping: the listener is closed.
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        assert!(!server.is_finished(), "waits for the request in flight");
+        release.notify_one();
+        assert_eq!(response(&mut busy).await, (200, "finished".to_owned()));
+        closed_by_server(&mut busy).await;
+        tokio::time::timeout(GUARD, server)
+            .await
+            .expect("the server stops once the request is done")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn shutdown_cuts_a_request_still_running_after_the_grace_period() {
+        let h = start(roomy(), SHORT);
+        let mut busy = connect_from([127, 0, 0, 1], h.addr).await;
+        send(&mut busy, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        tokio::time::timeout(GUARD, h.entered.notified())
+            .await
+            .expect("the slow request reaches its handler");
+        // Never released: the server returns anyway, and the client sees
+        // its connection end without an answer.
+        h.stop().await;
+        assert_eq!(closed_by_server(&mut busy).await, b"");
+    }
+
     #[test]
     fn notify_ready_writes_to_the_given_fd() {
         let (r, w) = std::io::pipe().unwrap();
@@ -296,17 +716,41 @@ pub struct ServiceOptions {
     pub state_dir: std::path::PathBuf,
 }
 
-/// The usual life of a service: check its state directory, serve `handler`
-/// on its address until SIGTERM, give requests in flight 3 s to finish.
+/// The usual life of a service: check its state directory, raise the
+/// open-file limit ([`raise_open_file_limit`]), serve `handler` on its
+/// address until SIGTERM, give requests in flight 3 s to finish.
+///
+/// The limits are [`Limits::default`] but for the timeouts the environment
+/// overrides, in milliseconds: `CLOUDLET_HEADER_TIMEOUT_MS`
+/// ([`Limits::header_read_timeout`]) and `CLOUDLET_BODY_IDLE_TIMEOUT_MS`
+/// ([`Limits::body_idle_timeout`]). Tests set them to see a timeout fire
+/// without waiting for the real one; a value that does not parse stops the
+/// service ([`LimitsError`]).
 pub async fn run_service<H, F, B>(opts: ServiceOptions, handler: H) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: ResponseBody,
 {
     check_state_dir(&opts.state_dir)?;
-    serve(
+    let limits = Limits::from_env()?;
+    // Two descriptors per connection (socket, file) and some to spare for
+    // the database, the listener and logs.
+    let needed = (limits.max_connections as u64).saturating_mul(2) + 64;
+    match raise_open_file_limit() {
+        Ok(n) if n < needed => {
+            tracing::warn!(
+                open_files = n,
+                needed,
+                "the open-file limit is low for the connection limit"
+            )
+        }
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    serve_with(
         opts.listen,
+        limits,
         handler,
         shutdown_signal(),
         Duration::from_secs(3),
