@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cloudlet_tests_qemu::{out_dir, root, BootOptions, Disk, Vm};
@@ -165,19 +165,26 @@ fn boot_bench() -> Result<()> {
             std::thread::sleep(Duration::from_secs(2));
             let s = vm.status()?;
             let ps = vm.sh("for p in /proc/[0-9]*; do [ -r $p/status ] && awk '/^VmRSS/{s+=$2} END{if(s) print s}' $p/status; done | awk '{t+=$1} END{print t}'")?;
-            let all: u64 = ps.trim().parse().unwrap_or(0);
+            let all: Option<u64> = ps.trim().parse().ok();
             idle = Some((s, all));
         }
         shutdown(vm)?;
     }
     let (status, all_rss) = idle.ok_or_else(|| anyhow!("no idle sample"))?;
-    let init_rss = status.init_rss_kib.unwrap_or(0);
-    let svc_rss: u64 = status
+    // A figure that could not be read says so; it is never printed as 0.
+    let init_rss = status.init_rss_kib;
+    let svc: Vec<Option<u64>> = status
         .services
         .iter()
         .filter(|s| ["storage", "sync", "sharing", "updater"].contains(&s.name.as_str()))
-        .filter_map(|s| s.rss_kib)
-        .sum();
+        .map(|s| s.rss_kib)
+        .collect();
+    let svc_rss: Option<u64> = if svc.len() == 4 {
+        svc.into_iter().sum()
+    } else {
+        None
+    };
+    let kib = |v: Option<u64>| v.map_or("not measured".to_owned(), |v| format!("{v} KiB"));
 
     let (fw, fg) = (median(floor_wall), median(floor_guest));
     let (cw, cg) = (median(cl_wall), median(cl_guest));
@@ -227,13 +234,17 @@ fn boot_bench() -> Result<()> {
     );
     println!();
     println!("Memory at idle (after ready)");
-    println!("{:<44} {:>10} KiB", "PID 1 (cloudlet-init) RSS", init_rss);
+    println!("{:<44} {:>14}", "PID 1 (cloudlet-init) RSS", kib(init_rss));
     println!(
-        "{:<44} {:>10} KiB",
+        "{:<44} {:>14}",
         "Cloudlet processes (init + 4 services) RSS",
-        init_rss + svc_rss
+        kib(init_rss.zip(svc_rss).map(|(a, b)| a + b))
     );
-    println!("{:<44} {:>10} KiB", "every process on the box RSS", all_rss);
+    println!(
+        "{:<44} {:>14}",
+        "every process on the box RSS",
+        kib(all_rss)
+    );
     println!();
     println!("Sizes");
     println!(
@@ -281,8 +292,12 @@ fn host_cpu_ticks(pid: u32) -> Result<u64> {
     let rest = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields after the command: state is 0, utime is 11, stime is 12.
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Ok(t(11) + t(12))
+    let t = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat has no CPU time field {i}"))
+    };
+    Ok(t(11)? + t(12)?)
 }
 
 /// One sample of every process on the box: pid -> (name, context switches, CPU ticks).
@@ -312,6 +327,9 @@ fn guest_sample(vm: &mut Vm) -> Result<std::collections::BTreeMap<u32, (String, 
     Ok(m)
 }
 
+/// Time for the box to go quiet after the benchmark's own shell read its counters.
+const SETTLE: Duration = Duration::from_secs(5);
+
 fn idle_bench() -> Result<()> {
     let secs: u64 = std::env::var("CLOUDLET_BENCH_IDLE_SECS")
         .ok()
@@ -326,12 +344,19 @@ fn idle_bench() -> Result<()> {
     vm.wait_ready()?;
     vm.wait_console("boot marked good", Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(5));
+    // The guest's counters are read once before and once after; reading them
+    // takes the box's shell a while (TCG), so the host's CPU window starts
+    // only once that has settled and ends before the second reading: the
+    // host figure measures the box, not the meter.
     let a = guest_sample(&mut vm)?;
+    let a_at = Instant::now();
+    std::thread::sleep(SETTLE);
     let h0 = host_cpu_ticks(vm.pid())?;
     std::thread::sleep(window);
     let h1 = host_cpu_ticks(vm.pid())?;
     let b = guest_sample(&mut vm)?;
-    let cl_host = (h1 - h0) as f64 / hz / secs as f64;
+    let guest_secs = a_at.elapsed().as_secs_f64();
+    let cl_host = h1.saturating_sub(h0) as f64 / hz / secs as f64;
     shutdown(vm)?;
 
     // The floor: same kernel and U-Boot, an init that only sleeps.
@@ -347,11 +372,11 @@ fn idle_bench() -> Result<()> {
     let f0 = host_cpu_ticks(fvm.pid())?;
     std::thread::sleep(window);
     let f1 = host_cpu_ticks(fvm.pid())?;
-    let floor_host = (f1 - f0) as f64 / hz / secs as f64;
+    let floor_host = f1.saturating_sub(f0) as f64 / hz / secs as f64;
     fvm.pull_power()?;
 
     println!();
-    println!("Idle: {secs} s after all services ready, QEMU aarch64 virt (TCG); wake-ups = context switches of all threads");
+    println!("Idle: {secs} s after all services ready, QEMU aarch64 virt (TCG); wake-ups = context switches of all threads, over the {guest_secs:.0} s between the two readings");
     println!(
         "{:<42} {:>6} {:>12} {:>10}",
         "process (guest)", "pid", "wakeups/s", "CPU ms"
@@ -366,7 +391,7 @@ fn idle_bench() -> Result<()> {
         if !cloudlet && !sampler {
             continue;
         }
-        let w = cs1.saturating_sub(*cs0) as f64 / secs as f64;
+        let w = cs1.saturating_sub(*cs0) as f64 / guest_secs;
         let label = if sampler {
             format!("{name} (the benchmark's own shell)")
         } else {
