@@ -211,6 +211,8 @@ pub struct Vm {
     cursor: usize,
     /// Lines from the LED panel, with when they arrived.
     leds: Arc<Mutex<Vec<(Duration, String)>>>,
+    /// Each service's credential, read from the box once (its access token).
+    tokens: BTreeMap<String, String>,
 }
 
 impl Drop for Vm {
@@ -353,6 +355,7 @@ impl Vm {
             marker: 0,
             cursor: 0,
             leds: Arc::new(Mutex::new(Vec::new())),
+            tokens: BTreeMap::new(),
         };
         vm.connect_qmp(&qmp_path)?;
         vm.connect_leds(&led_path)?;
@@ -554,7 +557,7 @@ impl Vm {
 
     /// The box's status (init's, through the web UI's `/api/status`).
     pub fn status(&mut self) -> Result<cloudlet_proto::control::Status> {
-        let (code, body) = self.http_get("sharing", "/api/status")?;
+        let (code, body) = self.http_get_private("sharing", "/api/status")?;
         if code != 200 {
             bail!("/api/status answered {code}: {body}");
         }
@@ -583,6 +586,37 @@ impl Vm {
     /// An HTTP GET to a box service through its forwarded port: (status, body).
     pub fn http_get(&self, service: &str, path: &str) -> Result<(u16, String)> {
         self.http_get_auth(service, path, None)
+    }
+
+    /// A service's credential: its access token, read on the box as root
+    /// (as the README tells a person to), kept until it stops working.
+    pub fn token(&mut self, service: &str) -> Result<String> {
+        if let Some(t) = self.tokens.get(service) {
+            return Ok(t.clone());
+        }
+        let t = self
+            .sh(&format!("cat /data/{service}/access-token"))?
+            .trim()
+            .to_owned();
+        if t.len() != 64 {
+            bail!("no access token for {service}: {t:?}");
+        }
+        self.tokens.insert(service.to_owned(), t.clone());
+        Ok(t)
+    }
+
+    /// [`Vm::http_get`] with the service's credential (read again if the
+    /// box made a new one, as after a factory reset).
+    pub fn http_get_private(&mut self, service: &str, path: &str) -> Result<(u16, String)> {
+        for _ in 0..2 {
+            let auth = format!("Bearer {}", self.token(service)?);
+            let (code, body) = self.http_get_auth(service, path, Some(&auth))?;
+            if code != 401 {
+                return Ok((code, body));
+            }
+            self.tokens.remove(service);
+        }
+        bail!("{service} refuses its own access token for {path}")
     }
 
     /// [`Vm::http_get`] with an `Authorization` header.

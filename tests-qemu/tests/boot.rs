@@ -39,22 +39,28 @@ fn boots_and_every_service_reports_ready() -> Result<()> {
     assert!(data.grown && !data.created && data.was_clean, "{data:?}");
     assert!(data.size_bytes > 700 << 20, "{data:?}");
 
-    // Step: each service answers over the network, through QEMU's port forwards.
+    // Step: each service answers over the network, through QEMU's port
+    // forwards: /health to anyone, everything else only with the credential.
     for (svc, path) in [
-        ("sharing", "/health"),
-        ("storage", "/health"),
+        ("sharing", "/"),
+        ("sharing", "/api/status"),
+        ("storage", "/api/space"),
         ("updater", "/api/version"),
         ("sync", "/"),
     ] {
-        let (code, body) = vm.http_get(svc, path)?;
+        let (code, _) = vm.http_get(svc, "/health")?;
+        assert_eq!(code, 200, "{svc}/health");
+        let (code, _) = vm.http_get(svc, path)?;
+        assert_eq!(code, 401, "{svc}{path} without the credential");
+        let (code, body) = vm.http_get_private(svc, path)?;
         assert_eq!(code, 200, "{svc}{path}: {body}");
     }
-    let (_, page) = vm.http_get("sharing", "/")?;
+    let (_, page) = vm.http_get_private("sharing", "/")?;
     assert!(
         page.contains(&s.hostname) && page.contains("all services ready"),
         "{page}"
     );
-    let (_, v) = vm.http_get("updater", "/api/version")?;
+    let (_, v) = vm.http_get_private("updater", "/api/version")?;
     assert!(v.contains(r#""slot":"A""#), "{v}");
 
     // Step: storage serves nothing without the box's access token (made at first boot).
@@ -162,7 +168,7 @@ fn a_crashed_service_is_restarted() -> Result<()> {
     })?;
     assert_ne!(after.pid, Some(pid));
     assert_eq!(after.last_exit.as_deref(), Some("killed by SIGKILL"));
-    let (code, _) = vm.http_get("sync", "/")?;
+    let (code, _) = vm.http_get_private("sync", "/")?;
     assert_eq!(code, 200);
     let logs = vm.sh("cloudlet service logs sync")?;
     assert!(logs.contains("exited: killed by SIGKILL"), "{logs}");

@@ -15,6 +15,7 @@ pub mod auth;
 mod body;
 mod conn_limit;
 mod limits;
+pub mod router;
 
 pub use body::{BodyError, IdleTimeout, RequestBody};
 pub use limits::{
@@ -755,6 +756,25 @@ where
         shutdown_signal(),
         Duration::from_secs(3),
     )
+    .await
+}
+
+/// [`run_service`] with a [`router::Router`]: the service's credential
+/// (until pairing, an access token in its state directory, made on first
+/// start, 0600) guards every route but the public ones `routes` declares.
+pub async fn run_routed(
+    opts: ServiceOptions,
+    routes: impl FnOnce(std::sync::Arc<dyn auth::Authenticator>) -> router::Router,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(&opts.state_dir)?;
+    let auth: std::sync::Arc<dyn auth::Authenticator> = std::sync::Arc::new(
+        auth::TokenAuth::load_or_create(&opts.state_dir.join("access-token"))?,
+    );
+    let router = std::sync::Arc::new(routes(auth));
+    run_service(opts, move |req| {
+        let router = router.clone();
+        async move { router.handle(req).await }
+    })
     .await
 }
 

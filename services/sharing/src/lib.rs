@@ -3,9 +3,12 @@
 //! pairing and share links arrive with the sharing issue.
 
 use cloudlet_proto::control::{self, ClockSource, Request, Response, Status};
-use cloudlet_runtime::{health, json, not_found, text, Body, ServiceOptions};
-use hyper::StatusCode;
+use cloudlet_runtime::auth::Authenticator;
+use cloudlet_runtime::router::Router;
+use cloudlet_runtime::{health, json, text, Body, ServiceOptions};
+use hyper::{Method, StatusCode};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub const NAME: &str = "sharing";
 
@@ -110,30 +113,39 @@ fn human(b: u64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
-async fn page(path: &str) -> hyper::Response<Body> {
-    match path {
-        "/health" => health(NAME),
-        "/" => match status().await {
-            Ok(s) => text(StatusCode::OK, "text/html; charset=utf-8", render(&s)),
-            Err(e) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain; charset=utf-8",
-                format!("box status unavailable: {e}\n"),
-            ),
-        },
-        "/api/status" => match status().await {
-            Ok(s) => json(StatusCode::OK, &s),
-            Err(e) => json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"error": e}),
-            ),
-        },
-        _ => not_found(),
+async fn status_page() -> hyper::Response<Body> {
+    match status().await {
+        Ok(s) => text(StatusCode::OK, "text/html; charset=utf-8", render(&s)),
+        Err(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            format!("box status unavailable: {e}\n"),
+        ),
     }
 }
 
+async fn status_json() -> hyper::Response<Body> {
+    match status().await {
+        Ok(s) => json(StatusCode::OK, &s),
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": e}),
+        ),
+    }
+}
+
+/// The service's routes: `/health` is public; the status page and its JSON
+/// need the credential (they tell who the box is and what runs on it).
+pub fn routes(auth: Arc<dyn Authenticator>) -> Router {
+    Router::new(auth)
+        // Public: init and monitoring check liveness without a credential.
+        .public(Method::GET, "/health", |_, _| async { health(NAME) })
+        .route(Method::GET, "/", |_, _| status_page())
+        .route(Method::GET, "/api/status", |_, _| status_json())
+}
+
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
-    cloudlet_runtime::run_service(opts, |req| async move { page(req.uri().path()).await }).await
+    cloudlet_runtime::run_routed(opts, routes).await
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cloudlet_runtime::auth::{unauthorized, Authenticator, TokenAuth};
-use cloudlet_runtime::{health, json, not_found, ServiceOptions};
+use cloudlet_runtime::auth::Authenticator;
+use cloudlet_runtime::router::Router;
+use cloudlet_runtime::{health, json, ServiceOptions};
 use dav_server::{DavConfig, DavHandler, DavMethod, DavMethodSet};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
@@ -56,12 +57,11 @@ pub struct Storage {
     dir: PathBuf,
     fs: dav::StoreFs,
     dav: DavHandler,
-    auth: Arc<dyn Authenticator>,
 }
 
 impl Storage {
     /// Opens the engine in `dir` and sets up WebDAV over it.
-    pub fn open(dir: PathBuf, auth: Arc<dyn Authenticator>) -> Result<Storage, meta::StoreError> {
+    pub fn open(dir: PathBuf) -> Result<Storage, meta::StoreError> {
         let store = Arc::new(meta::Store::open(&dir)?);
         let fs = dav::StoreFs::new(store.clone(), dir.clone());
         // PATCH (sabredav's partial update) is not supported: not offered.
@@ -80,7 +80,6 @@ impl Storage {
             dir,
             fs,
             dav,
-            auth,
         })
     }
 
@@ -88,20 +87,44 @@ impl Storage {
         &self.store
     }
 
-    /// Answers one request (any body type: the runtime wraps hyper's).
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
+    /// The service's routes: `/health` is public, everything else needs the
+    /// credential. WebDAV bodies are bounded by the room on the disk and the
+    /// quota (checked as they stream), not by the router.
+    pub fn routes(self: &Arc<Self>, auth: Arc<dyn Authenticator>) -> Router {
+        let (dav, space, quota) = (self.clone(), self.clone(), self.clone());
+        Router::new(auth)
+            // Public: init and monitoring check liveness without a credential.
+            .public(Method::GET, "/health", |_, _| async { health(NAME) })
+            .route(Method::GET, "/", |_, _| async {
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"service": NAME, "webdav": format!("{FILES_PREFIX}/")}),
+                )
+            })
+            .route(Method::GET, "/api/space", move |_, _| {
+                let s = space.clone();
+                async move { s.space().await }
+            })
+            .route(Method::PUT, "/api/quota", move |req, _| {
+                let s = quota.clone();
+                async move { s.set_quota(req).await }
+            })
+            .body_limit(API_BODY_LIMIT as u64)
+            .any("/files/{*path}", move |req, _| {
+                let s = dav.clone();
+                async move { s.handle_files(req).await }
+            })
+            .body_limit(u64::MAX)
+    }
+
+    /// Answers a WebDAV request for `/files/...` (any body type).
+    pub async fn handle_files<B>(&self, req: Request<B>) -> Response<ResponseBody>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let path = req.uri().path();
-        if path == "/health" {
-            return boxed(health(NAME));
-        }
-        if let Err(e) = self.auth.check(req.headers()) {
-            return boxed(unauthorized(&e));
-        }
-        if path == FILES_PREFIX || path.starts_with("/files/") {
+        {
             if let Some(r) = check_path(path) {
                 return boxed(r);
             }
@@ -128,17 +151,8 @@ impl Storage {
                 resp.headers_mut()
                     .insert("dav", hyper::header::HeaderValue::from_static("1, 2, 3"));
             }
-            return resp;
+            resp
         }
-        boxed(match (req.method(), path) {
-            (&Method::GET, "/") => json(
-                StatusCode::OK,
-                &serde_json::json!({"service": NAME, "webdav": format!("{FILES_PREFIX}/")}),
-            ),
-            (&Method::GET, "/api/space") => self.space().await,
-            (&Method::PUT, "/api/quota") => self.set_quota(req).await,
-            _ => not_found(),
-        })
     }
 
     async fn space(&self) -> Response<cloudlet_runtime::Body> {
@@ -220,23 +234,14 @@ fn error(status: StatusCode, msg: &str) -> Response<cloudlet_runtime::Body> {
 }
 
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
-    // The token is written before run_service probes the directory: it must exist.
-    std::fs::create_dir_all(&opts.state_dir)?;
-    // Never serve without a credential: until pairing exists, the box's access token.
-    let auth: Arc<dyn Authenticator> = Arc::new(TokenAuth::load_or_create(
-        &opts.state_dir.join("access-token"),
-    )?);
     // Ready only once the engine is open: its database, and the sweep of
     // whatever a crash left half-done.
     let dir = opts.state_dir.clone();
-    let storage = tokio::task::spawn_blocking(move || Storage::open(dir, auth))
+    let storage = tokio::task::spawn_blocking(move || Storage::open(dir))
         .await
         .map_err(std::io::Error::other)?
         .map_err(std::io::Error::other)?;
     let storage = Arc::new(storage);
-    cloudlet_runtime::run_service(opts, move |req| {
-        let storage = storage.clone();
-        async move { storage.handle(req).await }
-    })
-    .await
+    // Never serve without a credential: until pairing exists, the box's access token.
+    cloudlet_runtime::run_routed(opts, |auth| storage.routes(auth)).await
 }

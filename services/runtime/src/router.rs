@@ -1,0 +1,441 @@
+//! A small router: method and path pattern to handler, with the credential
+//! checked by default and a body-size limit per route.
+//!
+//! * Every route needs the credential ([`Authenticator`]) unless it is
+//!   declared with [`Router::public`]; a service cannot forget to ask.
+//! * Patterns are `/`-separated: a literal segment, `{name}` (one segment,
+//!   percent-decoded) or `{*name}` at the end (the rest of the path, raw).
+//!   The first route that matches the path wins; a path that matches only
+//!   with another method is 405 with `Allow`.
+//! * Each route has a body limit (default [`DEFAULT_BODY_LIMIT`]): a larger
+//!   Content-Length is 413 before the handler runs, and a chunked body that
+//!   passes the limit fails to read ([`http_body_util::LengthLimitError`]).
+//!
+//! The credential is checked before the body limit and the method, so a
+//! stranger learns nothing about which routes exist.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::auth::{unauthorized, Authenticator};
+
+/// Largest request body a route takes unless it says otherwise.
+pub const DEFAULT_BODY_LIMIT: u64 = 64 << 10;
+
+/// A request body as a routed handler gets it (limited to its route's size).
+pub type RoutedBody = UnsyncBoxBody<Bytes, std::io::Error>;
+/// A response body any handler can give.
+pub type AnyBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Boxes a response so handlers with different body types share one router.
+pub fn boxed<B>(r: Response<B>) -> Response<AnyBody>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    r.map(|b| {
+        b.map_err(|e| std::io::Error::other(e.into()))
+            .boxed_unsync()
+    })
+}
+
+/// The values of a route's `{name}` segments.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Params(HashMap<String, String>);
+
+impl Params {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Response<AnyBody>> + Send>>;
+type Handler = Arc<dyn Fn(Request<RoutedBody>, Params) -> HandlerFuture + Send + Sync>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Lit(String),
+    Param(String),
+    Rest(String),
+}
+
+struct Route {
+    /// `None`: every method (WebDAV's own).
+    method: Option<Method>,
+    pattern: Vec<Seg>,
+    public: bool,
+    body_limit: u64,
+    handler: Handler,
+}
+
+/// Routes of one service.
+pub struct Router {
+    routes: Vec<Route>,
+    auth: Arc<dyn Authenticator>,
+}
+
+fn parse_pattern(p: &str) -> Vec<Seg> {
+    p.trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if let Some(n) = s.strip_prefix("{*").and_then(|s| s.strip_suffix('}')) {
+                Seg::Rest(n.to_owned())
+            } else if let Some(n) = s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Seg::Param(n.to_owned())
+            } else {
+                Seg::Lit(s.to_owned())
+            }
+        })
+        .collect()
+}
+
+/// Matches a path against a pattern; the parameters when it does.
+fn matches(pattern: &[Seg], path: &str) -> Option<Params> {
+    let mut params = HashMap::new();
+    let mut rest = path.strip_prefix('/')?;
+    for (i, seg) in pattern.iter().enumerate() {
+        if let Seg::Rest(name) = seg {
+            // Only last; takes the rest as sent (it may be empty).
+            if i + 1 != pattern.len() {
+                return None;
+            }
+            params.insert(name.clone(), rest.to_owned());
+            return Some(Params(params));
+        }
+        let (part, next) = match rest.split_once('/') {
+            Some((a, b)) => (a, b),
+            None => (rest, ""),
+        };
+        if part.is_empty() {
+            return None;
+        }
+        match seg {
+            Seg::Lit(l) if l == part => {}
+            Seg::Param(name) => {
+                let v = percent_encoding::percent_decode_str(part)
+                    .decode_utf8()
+                    .ok()?
+                    .into_owned();
+                params.insert(name.clone(), v);
+            }
+            _ => return None,
+        }
+        rest = next;
+    }
+    rest.is_empty().then_some(Params(params))
+}
+
+impl Router {
+    /// A router whose private routes accept what `auth` accepts.
+    pub fn new(auth: Arc<dyn Authenticator>) -> Router {
+        Router {
+            routes: Vec::new(),
+            auth,
+        }
+    }
+
+    fn add<H, F, B>(
+        mut self,
+        method: Option<Method>,
+        pattern: &str,
+        public: bool,
+        handler: H,
+    ) -> Router
+    where
+        H: Fn(Request<RoutedBody>, Params) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let handler: Handler = Arc::new(move |req, params| {
+            let f = handler(req, params);
+            Box::pin(async move { boxed(f.await) })
+        });
+        self.routes.push(Route {
+            method,
+            pattern: parse_pattern(pattern),
+            public,
+            body_limit: DEFAULT_BODY_LIMIT,
+            handler,
+        });
+        self
+    }
+
+    /// A route that needs the credential.
+    pub fn route<H, F, B>(self, method: Method, pattern: &str, handler: H) -> Router
+    where
+        H: Fn(Request<RoutedBody>, Params) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.add(Some(method), pattern, false, handler)
+    }
+
+    /// A route for every method (a WebDAV tree), needing the credential.
+    pub fn any<H, F, B>(self, pattern: &str, handler: H) -> Router
+    where
+        H: Fn(Request<RoutedBody>, Params) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.add(None, pattern, false, handler)
+    }
+
+    /// A route anyone may use (`/health`): say why at the call.
+    pub fn public<H, F, B>(self, method: Method, pattern: &str, handler: H) -> Router
+    where
+        H: Fn(Request<RoutedBody>, Params) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.add(Some(method), pattern, true, handler)
+    }
+
+    /// Sets the body limit of the route added last (`u64::MAX`: none, for
+    /// routes that stream uploads to disk and bound them themselves).
+    pub fn body_limit(mut self, bytes: u64) -> Router {
+        if let Some(r) = self.routes.last_mut() {
+            r.body_limit = bytes;
+        }
+        self
+    }
+
+    /// The routes' methods (`None`: any), patterns and whether they are
+    /// public, for tests that try every route.
+    pub fn describe(&self) -> Vec<(Option<Method>, String, bool)> {
+        self.routes
+            .iter()
+            .map(|r| {
+                let p: Vec<String> = r
+                    .pattern
+                    .iter()
+                    .map(|s| match s {
+                        Seg::Lit(l) => l.clone(),
+                        Seg::Param(n) => format!("{{{n}}}"),
+                        Seg::Rest(n) => format!("{{*{n}}}"),
+                    })
+                    .collect();
+                (r.method.clone(), format!("/{}", p.join("/")), r.public)
+            })
+            .collect()
+    }
+
+    /// Answers one request (the runtime's body, or any other in tests).
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<AnyBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_owned();
+        let found: Vec<(&Route, Params)> = self
+            .routes
+            .iter()
+            .filter_map(|r| matches(&r.pattern, &path).map(|p| (r, p)))
+            .collect();
+        // HEAD is answered by a GET route (hyper drops the body).
+        let same = |r: &Route| match &r.method {
+            None => true,
+            Some(m) => m == req.method() || (req.method() == Method::HEAD && m == Method::GET),
+        };
+        let chosen = found.iter().find(|(r, _)| same(r));
+        let public = chosen.is_some_and(|(r, _)| r.public);
+        if !public {
+            if let Err(e) = self.auth.check(req.headers()) {
+                return boxed(unauthorized(&e));
+            }
+        }
+        let Some((route, params)) = chosen else {
+            if found.is_empty() {
+                return boxed(crate::not_found());
+            }
+            let mut allow: Vec<&str> = found
+                .iter()
+                .filter_map(|(r, _)| r.method.as_ref().map(Method::as_str))
+                .collect();
+            allow.dedup();
+            let mut r = crate::json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": format!("{} is not allowed here", req.method())}),
+            );
+            if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+                r.headers_mut().insert(ALLOW, v);
+            }
+            return boxed(r);
+        };
+        let announced = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > route.body_limit) {
+            return boxed(crate::json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &serde_json::json!({"error": format!("the body may be at most {} bytes", route.body_limit)}),
+            ));
+        }
+        let limit = route.body_limit;
+        let req = req.map(|b| {
+            if limit == u64::MAX {
+                b.map_err(|e| std::io::Error::other(e.into()))
+                    .boxed_unsync()
+            } else {
+                http_body_util::Limited::new(b, usize::try_from(limit).unwrap_or(usize::MAX))
+                    .map_err(std::io::Error::other)
+                    .boxed_unsync()
+            }
+        });
+        (route.handler)(req, params.clone()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::TokenAuth;
+    use http_body_util::Full;
+
+    fn router() -> Router {
+        Router::new(Arc::new(TokenAuth::new("sesame")))
+            .public(Method::GET, "/health", |_, _| async { crate::health("t") })
+            .route(Method::GET, "/{db}", |_, p: Params| async move {
+                crate::json(StatusCode::OK, &serde_json::json!({"db": p.get("db")}))
+            })
+            .route(
+                Method::PUT,
+                "/{db}",
+                |req: Request<RoutedBody>, _| async move {
+                    match req.into_body().collect().await {
+                        Ok(b) => crate::json(
+                            StatusCode::OK,
+                            &serde_json::json!({"got": b.to_bytes().len()}),
+                        ),
+                        Err(e) => crate::json(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            &serde_json::json!({"error": e.to_string()}),
+                        ),
+                    }
+                },
+            )
+            .body_limit(10)
+    }
+
+    fn req(
+        method: Method,
+        path: &str,
+        auth: bool,
+        body: &'static [u8],
+        length: bool,
+    ) -> Request<Full<Bytes>> {
+        let mut b = Request::builder().method(method).uri(path);
+        if auth {
+            b = b.header("authorization", "Bearer sesame");
+        }
+        if length {
+            b = b.header("content-length", body.len());
+        }
+        b.body(Full::new(Bytes::from_static(body))).unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn private_routes_need_the_credential_public_ones_do_not() {
+        let r = router();
+        assert_eq!(
+            r.handle(req(Method::GET, "/health", false, b"", false))
+                .await
+                .status(),
+            200
+        );
+        for (m, p, public) in r.describe() {
+            let m = m.unwrap_or(Method::POST);
+            let path = p.replace("{db}", "x");
+            let st = r
+                .handle(req(m.clone(), &path, false, b"", false))
+                .await
+                .status();
+            if public {
+                assert_eq!(st, 200, "{m} {path}");
+            } else {
+                assert_eq!(st, 401, "{m} {path} without the credential");
+            }
+        }
+        // Unknown paths and methods tell a stranger nothing either.
+        assert_eq!(
+            r.handle(req(Method::GET, "/a/b", false, b"", false))
+                .await
+                .status(),
+            401
+        );
+        assert_eq!(
+            r.handle(req(Method::DELETE, "/x", false, b"", false))
+                .await
+                .status(),
+            401
+        );
+        let ok = r
+            .handle(req(Method::GET, "/my%20db", true, b"", false))
+            .await;
+        assert_eq!(ok.status(), 200);
+        let body = ok.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], br#"{"db":"my db"}"#);
+        let no = r.handle(req(Method::DELETE, "/x", true, b"", false)).await;
+        assert_eq!(no.status(), 405);
+        assert_eq!(no.headers()["allow"], "GET, PUT");
+        assert_eq!(
+            r.handle(req(Method::GET, "/a/b", true, b"", false))
+                .await
+                .status(),
+            404
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn bodies_over_the_route_limit_are_refused() {
+        let r = router();
+        let small = r
+            .handle(req(Method::PUT, "/x", true, b"0123456789", true))
+            .await;
+        assert_eq!(small.status(), 200);
+        let big = r
+            .handle(req(Method::PUT, "/x", true, b"0123456789a", true))
+            .await;
+        assert_eq!(big.status(), 413, "announced over the limit");
+        // Without a Content-Length, reading stops at the limit.
+        let chunked = r
+            .handle(req(Method::PUT, "/x", true, b"0123456789a", false))
+            .await;
+        assert_eq!(chunked.status(), 413, "streamed over the limit");
+    }
+
+    #[test]
+    fn patterns_match_literals_params_and_rests() {
+        let p = parse_pattern("/{db}/_changes");
+        let m = matches(&p, "/my%20db/_changes").unwrap();
+        assert_eq!(m.get("db"), Some("my db"));
+        assert!(matches(&p, "/db/_changes/x").is_none());
+        assert!(matches(&p, "//_changes").is_none());
+        assert!(matches(&p, "/db").is_none());
+        let r = parse_pattern("/files/{*path}");
+        assert_eq!(
+            matches(&r, "/files/a/b%20c").unwrap().get("path"),
+            Some("a/b%20c")
+        );
+        assert_eq!(matches(&r, "/files/").unwrap().get("path"), Some(""));
+        assert!(matches(&r, "/other/a").is_none());
+        assert!(matches(&parse_pattern("/"), "/").is_some());
+        assert!(matches(&parse_pattern("/"), "/x").is_none());
+        assert!(matches(&parse_pattern("/health"), "/health").is_some());
+        assert!(matches(&parse_pattern("/health"), "/health/").is_some());
+    }
+}
