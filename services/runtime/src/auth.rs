@@ -53,7 +53,8 @@ pub struct TokenAuth {
 
 fn equal(a: &[u8], b: &[u8]) -> bool {
     // Constant time in the token's length: no early exit on the first difference.
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 impl TokenAuth {
@@ -73,7 +74,7 @@ impl TokenAuth {
         }
         let mut raw = [0u8; 32];
         std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
-        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let token = hex::encode(raw);
         let tmp = path.with_extension("tmp");
         {
             let mut f = std::fs::File::options()

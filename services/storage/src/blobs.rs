@@ -20,17 +20,13 @@ pub struct BlobId(pub [u8; 32]);
 
 impl BlobId {
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
+    /// The id a blob file's name spells (64 hex digits), if it is one.
     pub fn from_hex(s: &str) -> Option<BlobId> {
-        if s.len() != 64 {
-            return None;
-        }
         let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
+        hex::decode_to_slice(s, &mut out).ok()?;
         Some(BlobId(out))
     }
 }
@@ -297,5 +293,7 @@ mod tests {
         assert_eq!(BlobId::from_hex(&id.hex()), Some(id));
         assert_eq!(BlobId::from_hex("abc"), None);
         assert_eq!(BlobId::from_hex(&"zz".repeat(32)), None);
+        // from_str_radix took a sign: "+f" was a hex byte.
+        assert_eq!(BlobId::from_hex(&"+f".repeat(32)), None);
     }
 }
