@@ -4,7 +4,8 @@
 //!   (the kernel wakes us; no polling). Default: GPIO 17 (pin 11) to 3.3 V,
 //!   using the line's default pull-down, so pressed reads high.
 //! * LEDs: the board's ACT (status) and PWR (power) through the kernel's LED
-//!   class, plus optional GPIO LEDs (linux-embedded-hal's `CdevPin`).
+//!   class, plus optional GPIO LEDs (embedded-hal pins over gpiocdev, the
+//!   GPIO v2 character-device API).
 //! * Watchdog: bcm2835's, through /dev/watchdog.
 //! * Power: CPU governor, USB autosuspend, disk spin-down, HDMI, Wi-Fi, each
 //!   reported applied or unsupported.
@@ -113,39 +114,40 @@ pub trait EdgeSource: Send + 'static {
     fn next_edge(&mut self) -> std::io::Result<bool>;
 }
 
-/// A GPIO line requested for both edges.
-pub struct CdevEdges(gpio_cdev::LineEventHandle);
+fn gpio_error(e: gpiocdev::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// A GPIO line requested for both edges (the kernel's GPIO v2 character
+/// device API, through gpiocdev).
+pub struct CdevEdges {
+    req: gpiocdev::Request,
+    line: u32,
+}
 
 impl CdevEdges {
     pub fn open(chip: &Path, line: u32) -> std::io::Result<CdevEdges> {
-        let err = |e: gpio_cdev::Error| std::io::Error::other(e.to_string());
-        let mut chip = gpio_cdev::Chip::new(chip).map_err(err)?;
-        let handle = chip
-            .get_line(line)
-            .map_err(err)?
-            .events(
-                gpio_cdev::LineRequestFlags::INPUT,
-                gpio_cdev::EventRequestFlags::BOTH_EDGES,
-                "cloudlet-button",
-            )
-            .map_err(err)?;
-        Ok(CdevEdges(handle))
+        let req = gpiocdev::Request::builder()
+            .on_chip(chip)
+            .with_consumer("cloudlet-button")
+            .with_line(line)
+            .with_edge_detection(gpiocdev::line::EdgeDetection::BothEdges)
+            .request()
+            .map_err(gpio_error)?;
+        Ok(CdevEdges { req, line })
     }
 }
 
 impl EdgeSource for CdevEdges {
     fn level(&mut self) -> std::io::Result<bool> {
-        self.0
-            .get_value()
-            .map(|v| v != 0)
-            .map_err(|e| std::io::Error::other(e.to_string()))
+        self.req
+            .value(self.line)
+            .map(|v| v == gpiocdev::line::Value::Active)
+            .map_err(gpio_error)
     }
     fn next_edge(&mut self) -> std::io::Result<bool> {
-        let ev = self
-            .0
-            .get_event()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(matches!(ev.event_type(), gpio_cdev::EventType::RisingEdge))
+        let ev = self.req.read_edge_event().map_err(gpio_error)?;
+        Ok(ev.kind == gpiocdev::line::EdgeKind::Rising)
     }
 }
 
@@ -175,23 +177,27 @@ pub fn start_edges<S: EdgeSource>(
     Ok(now)
 }
 
-/// A GPIO LED through linux-embedded-hal, with its errors as io errors.
-struct GpioLed(linux_embedded_hal::CdevPin);
+/// A GPIO LED: an embedded-hal output pin over a gpiocdev line request.
+struct GpioLed(gpiocdev::Request);
 
 impl ErrorType for GpioLed {
     type Error = PinError;
 }
 
+impl GpioLed {
+    fn set(&mut self, v: gpiocdev::line::Value) -> Result<(), PinError> {
+        self.0
+            .set_lone_value(v)
+            .map_err(|e| PinError(gpio_error(e)))
+    }
+}
+
 impl OutputPin for GpioLed {
     fn set_low(&mut self) -> Result<(), Self::Error> {
-        self.0
-            .set_low()
-            .map_err(|e| PinError(std::io::Error::other(format!("{e:?}"))))
+        self.set(gpiocdev::line::Value::Inactive)
     }
     fn set_high(&mut self) -> Result<(), Self::Error> {
-        self.0
-            .set_high()
-            .map_err(|e| PinError(std::io::Error::other(format!("{e:?}"))))
+        self.set(gpiocdev::line::Value::Active)
     }
 }
 
@@ -208,15 +214,14 @@ impl Rpi4 {
         }
     }
 
-    fn gpio_led(&self, line: u32) -> Result<GpioLed, String> {
-        let mut chip = gpio_cdev::Chip::new(&self.config.gpio_chip).map_err(|e| e.to_string())?;
-        let handle = chip
-            .get_line(line)
-            .and_then(|l| l.request(gpio_cdev::LineRequestFlags::OUTPUT, 0, "cloudlet-led"))
-            .map_err(|e| e.to_string())?;
-        linux_embedded_hal::CdevPin::new(handle)
+    fn gpio_led(&self, line: u32) -> Result<GpioLed, gpiocdev::Error> {
+        gpiocdev::Request::builder()
+            .on_chip(&self.config.gpio_chip)
+            .with_consumer("cloudlet-led")
+            .with_line(line)
+            .as_output(gpiocdev::line::Value::Inactive)
+            .request()
             .map(GpioLed)
-            .map_err(|e| format!("{e:?}"))
     }
 }
 
