@@ -59,14 +59,18 @@ impl LogBuf {
         let n = n.unwrap_or(self.lines.len()).min(self.lines.len());
         self.lines
             .iter()
-            .skip(self.lines.len() - n)
+            .skip(self.lines.len().saturating_sub(n))
             .cloned()
             .collect()
     }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -79,7 +79,7 @@ impl Write for EventWriter {
         if let Some(q) = console_queue() {
             if let Ok(mut n) = q.pending.0.lock() {
                 if q.tx.try_send(buf.to_vec()).is_ok() {
-                    *n += 1;
+                    *n = n.saturating_add(1);
                 }
             }
         }

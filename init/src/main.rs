@@ -1,90 +1,65 @@
 //! `cloudlet-init`: PID 1 on the box (stage 1 in the initramfs, stage 2 on
 //! the root), or a plain supervisor with `--no-system` on a development machine.
 
-use std::path::PathBuf;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::ExitCode;
 
-use cloudlet_init::{run, stage1, Options};
-use cloudlet_proto::bootstate::Slot;
-
-const USAGE: &str =
-    "usage: cloudlet-init [--no-system] [--manifest FILE] [--etc DIR] [--control-socket PATH]
-                     [--data DIR] [--disk DEV] [--slot A|B]";
-
-fn parse_args(pid1: bool) -> Result<Options, String> {
-    let mut o = Options {
-        manifest: PathBuf::from("/etc/cloudlet/services.toml"),
-        etc: PathBuf::from("/etc"),
-        control_socket: PathBuf::from(cloudlet_proto::control::SOCKET_PATH),
-        system: pid1,
-        disk: None,
-        slot: None,
-        data_dir: PathBuf::from("/data"),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))
-        };
-        match a.as_str() {
-            "--no-system" => o.system = false,
-            "--manifest" => o.manifest = value()?.into(),
-            "--etc" => o.etc = value()?.into(),
-            "--control-socket" => o.control_socket = value()?.into(),
-            "--data" => o.data_dir = value()?.into(),
-            "--disk" => o.disk = Some(value()?.into()),
-            "--slot" => {
-                let v = value()?;
-                o.slot =
-                    Some(Slot::parse(&v).ok_or_else(|| format!("--slot {v:?}: expected A or B"))?);
-            }
-            "-h" | "--help" => return Err(USAGE.to_owned()),
-            // The kernel passes unknown command-line words to init as arguments.
-            _ if pid1 => {}
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    Ok(o)
-}
+use cloudlet_init::cli::{self, Exit};
+use cloudlet_init::{run, stage1, system, Options};
 
 fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
+    if pid1 {
+        // A panic is a bug; its message goes where init's logs go (console, kmsg).
+        std::panic::set_hook(Box::new(|info| {
+            tracing::error!("init panicked: {info}");
+        }));
+    }
     if pid1 && std::path::Path::new("/etc/cloudlet/initramfs").exists() {
-        let err = stage1::run();
+        let err = catch_unwind(stage1::run).unwrap_or(stage1::Stage1Error::Panicked);
         stage1::fail(&err);
     }
-    let opts = match parse_args(pid1) {
+    let opts = match cli::parse_args(std::env::args().skip(1), pid1) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(2);
+            return Exit::Usage.into();
         }
     };
-    if opts.system {
-        // /dev may not be mounted yet when PID 1 is started without stage 1.
-        let _ = cloudlet_init::system::mounts::early();
-        stage1::ensure_stdio();
-        cloudlet_init::logging::init_system();
-    } else {
+    if !opts.system {
         cloudlet_init::logging::init_stderr();
-    }
-    loop {
-        let r = std::panic::catch_unwind(|| run(opts.clone()));
-        match r {
-            Ok(Ok(())) if !opts.system => return ExitCode::SUCCESS,
-            Ok(Err(e)) if !opts.system => {
+        return match catch_unwind(|| run(opts)) {
+            Ok(Ok(())) => Exit::Success.into(),
+            Ok(Err(e)) => {
                 eprintln!("cloudlet-init: {e}");
-                return ExitCode::FAILURE;
+                Exit::Failure.into()
             }
-            // PID 1 must not exit: log and start over (services are still ours to reap).
-            Ok(Ok(())) => tracing::error!("init main loop returned; restarting it"),
-            Ok(Err(e)) => tracing::error!(error = %e, "init failed; restarting its main loop"),
-            Err(_) => tracing::error!("init main loop panicked; restarting it"),
-        }
-        if !opts.system {
-            return ExitCode::FAILURE;
-        }
-        std::thread::sleep(std::time::Duration::from_secs(1));
+            Err(_) => Exit::Failure.into(),
+        };
+    }
+    // PID 1 must not exit, and must not start over either: a second run would
+    // mount again and start services whose old copies still hold their ports.
+    // So whatever ends the main loop, the box stops everything and reboots
+    // (`cloudlet_init::after_failure` says why a reboot).
+    let _ = catch_unwind(AssertUnwindSafe(|| system_main(opts)));
+    let _ = catch_unwind(cloudlet_init::after_failure);
+    // Even that failed: reap orphans until the watchdog or a person resets the box.
+    cloudlet_init::reap_forever()
+}
+
+/// Stage 2 as PID 1. Returns only when init cannot go on.
+fn system_main(opts: Options) {
+    // The API filesystems, once: /dev may not be mounted yet when PID 1 is
+    // started without stage 1, and logging needs it.
+    let mount_problems = system::mounts::early();
+    stage1::ensure_stdio();
+    cloudlet_init::logging::init_system();
+    for problem in mount_problems {
+        tracing::error!("{problem}");
+    }
+    match catch_unwind(AssertUnwindSafe(|| run(opts))) {
+        Ok(Ok(())) => tracing::error!("init main loop returned"),
+        Ok(Err(e)) => tracing::error!(error = %e, "init failed"),
+        Err(_) => tracing::error!("init main loop panicked"),
     }
 }

@@ -281,7 +281,7 @@ fn topo_order(services: &[ServiceSpec]) -> Result<Vec<usize>, Vec<String>> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

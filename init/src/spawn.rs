@@ -6,13 +6,44 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nix::fcntl::OFlag;
 
 use crate::manifest::{Readiness, ServiceSpec, Stdio as SpecStdio};
-use crate::users;
+use crate::users::{self, UserError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// the manifest gave no program
+    #[error("exec is empty")]
+    EmptyExec,
+    /// the program cannot be looked at (missing?)
+    #[error("{path}: {source}")]
+    Program {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// the program is not an executable file
+    #[error("{0}: not an executable file")]
+    NotExecutable(PathBuf),
+    /// the service's user is unknown
+    #[error(transparent)]
+    User(#[from] UserError),
+    /// no pipe for the output or readiness
+    #[error("pipe: {0}")]
+    Pipe(std::io::Error),
+    /// the console cannot be opened for a console service
+    #[error("/dev/console: {0}")]
+    Console(std::io::Error),
+    /// fork or exec failed
+    #[error("{program}: {source}")]
+    Start {
+        program: String,
+        source: std::io::Error,
+    },
+}
 
 /// The file descriptor a `notify` service writes `READY` to.
 pub const READY_FD: i32 = 3;
@@ -40,10 +71,13 @@ pub fn expand(arg: &str, vars: &BTreeMap<String, String>) -> String {
     out
 }
 
-fn check_program(path: &str) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
+fn check_program(path: &str) -> Result<(), SpawnError> {
+    let meta = std::fs::metadata(path).map_err(|source| SpawnError::Program {
+        path: path.into(),
+        source,
+    })?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(format!("{path}: not an executable file"));
+        return Err(SpawnError::NotExecutable(path.into()));
     }
     Ok(())
 }
@@ -54,9 +88,9 @@ pub fn spawn(
     spec: &ServiceSpec,
     etc: &Path,
     vars: &BTreeMap<String, String>,
-) -> Result<Spawned, String> {
+) -> Result<Spawned, SpawnError> {
     let argv: Vec<String> = spec.exec.iter().map(|a| expand(a, vars)).collect();
-    let program = argv.first().ok_or("exec is empty")?;
+    let program = argv.first().ok_or(SpawnError::EmptyExec)?;
     // Checked here so that a missing binary is a clear error, not a failed exec in the child.
     check_program(program)?;
 
@@ -95,8 +129,9 @@ pub fn spawn(
     let mut output_read = None;
     match spec.stdio {
         SpecStdio::Log => {
-            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-            let w2 = w.try_clone().map_err(|e| format!("pipe: {e}"))?;
+            let (r, w) =
+                nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SpawnError::Pipe(e.into()))?;
+            let w2 = w.try_clone().map_err(SpawnError::Pipe)?;
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::from(w))
                 .stderr(Stdio::from(w2));
@@ -105,9 +140,9 @@ pub fn spawn(
         SpecStdio::Console => {
             let open = || File::options().read(true).write(true).open("/dev/console");
             let (i, o, e) = (
-                open().map_err(|e| format!("/dev/console: {e}"))?,
-                open().map_err(|e| format!("/dev/console: {e}"))?,
-                open().map_err(|e| format!("/dev/console: {e}"))?,
+                open().map_err(SpawnError::Console)?,
+                open().map_err(SpawnError::Console)?,
+                open().map_err(SpawnError::Console)?,
             );
             cmd.stdin(i).stdout(o).stderr(e);
         }
@@ -116,7 +151,8 @@ pub fn spawn(
     let mut ready_read = None;
     let mut ready_write: Option<OwnedFd> = None;
     if spec.ready == Readiness::Notify {
-        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (r, w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SpawnError::Pipe(e.into()))?;
         cmd.env("CLOUDLET_READY_FD", READY_FD.to_string());
         ready_read = Some(r);
         ready_write = Some(w);
@@ -139,7 +175,10 @@ pub fn spawn(
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| format!("{program}: {e}"))?;
+    let child = cmd.spawn().map_err(|source| SpawnError::Start {
+        program: program.clone(),
+        source,
+    })?;
     // The child is reaped by init's SIGCHLD handler, not through `child`.
     let pid = child.id();
     drop(child);
@@ -177,6 +216,7 @@ mod tests {
         let err = spawn(&spec, Path::new("/etc"), &BTreeMap::new())
             .err()
             .unwrap();
-        assert!(err.contains("/nonexistent/prog"), "{err}");
+        assert!(matches!(err, SpawnError::Program { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/prog"), "{err}");
     }
 }

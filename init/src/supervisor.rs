@@ -224,7 +224,7 @@ impl Supervisor {
             return;
         };
         if r.ever_started {
-            r.restarts += 1;
+            r.restarts = r.restarts.saturating_add(1);
         }
         r.ever_started = true;
         r.pid = Some(pid);
@@ -285,7 +285,7 @@ impl Supervisor {
         if ran >= spec.stable_after {
             r.failures = 0;
         }
-        r.failures += 1;
+        r.failures = r.failures.saturating_add(1);
         if r.failures > spec.give_up_after {
             r.state = ServiceState::Failed;
             out.push(Action::GaveUp(svc));
@@ -440,7 +440,12 @@ fn backoff(spec: &ServiceSpec, failures: u32) -> Duration {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::unchecked_time_subtraction
+)]
 mod tests {
     use super::*;
     use crate::manifest::Manifest;

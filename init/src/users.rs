@@ -1,6 +1,19 @@
 //! Looking up service users in /etc/passwd (no NSS in a static PID 1).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// the passwd file cannot be read
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// no such user in the passwd file
+    #[error("no user {name} in {path}")]
+    NoUser { name: String, path: PathBuf },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -32,11 +45,17 @@ pub fn find_in(passwd: &str, name: &str) -> Option<User> {
     })
 }
 
-pub fn lookup(etc: &Path, name: &str) -> Result<User, String> {
+/// `name` from `etc`/passwd.
+pub fn lookup(etc: &Path, name: &str) -> Result<User, UserError> {
     let path = etc.join("passwd");
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    find_in(&text, name).ok_or_else(|| format!("no user {name:?} in {}", path.display()))
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(source) => return Err(UserError::Read { path, source }),
+    };
+    find_in(&text, name).ok_or_else(|| UserError::NoUser {
+        name: name.to_owned(),
+        path,
+    })
 }
 
 #[cfg(test)]

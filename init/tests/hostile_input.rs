@@ -3,7 +3,12 @@
 //! panic: a panicking PID 1 panics the kernel. Each parser gets thousands of
 //! random and mutated inputs from a fixed-seed generator, so a failure
 //! reproduces.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use cloudlet_init::manifest::Manifest;
 use cloudlet_init::system::{disk, ext4, kmod, sntp};
@@ -97,7 +102,11 @@ fn disk_structures_and_network_replies() {
         let mut m = b.clone();
         m.resize(512, 0);
         let _ = disk::grow_entry(&mut m, 4, r.next_u64());
-        let _ = sntp::parse_reply(&r.bytes(60));
+        let sent = sntp::Request::new([0; 8]);
+        let _ = sntp::parse_reply(&r.bytes(60), &sent, std::time::UNIX_EPOCH);
+        let mut echoed = r.fill(48);
+        echoed.get_mut(24..32).unwrap().fill(0);
+        let _ = sntp::parse_reply(&echoed, &sent, std::time::UNIX_EPOCH);
         let dep = String::from_utf8_lossy(&r.bytes(300)).into_owned();
         let _ = kmod::load_order(
             &kmod::parse_modules_dep(&dep),

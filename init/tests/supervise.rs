@@ -1,7 +1,13 @@
 //! Black-box tests: the real `cloudlet-init` binary, unprivileged mode,
 //! supervising small shell services in a temporary directory, driven over its
 //! control socket.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -45,7 +51,10 @@ fn start(manifest: &str) -> Init {
         sock,
         _dir: dir,
     };
-    wait_for("control socket", || init.sock.exists().then_some(()));
+    // The socket file appears at bind(), a moment before listen(): wait for an answer.
+    wait_for("control socket", || {
+        call(&init.sock, &Request::Status).ok().map(|_| ())
+    });
     init
 }
 
@@ -93,7 +102,7 @@ fn starts_in_order_reports_ready_and_captures_output() {
         r#"
         [[service]]
         name = "web"
-        exec = ["/bin/sh", "-c", "echo web sees $CLOUDLET_SERVICE in $(pwd) as $(id -u) with A=$A; echo READY >&3; exec sleep 1000"]
+        exec = ["/bin/sh", "-c", "echo web sees $CLOUDLET_SERVICE in $(pwd) as $(id -u) with A=$A; test -e @DIR@/db-ready && echo db was ready; echo READY >&3; exec sleep 1000"]
         after = ["db"]
         user = "nobody"
         working-dir = "/tmp"
@@ -101,7 +110,7 @@ fn starts_in_order_reports_ready_and_captures_output() {
 
         [[service]]
         name = "db"
-        exec = ["/bin/sh", "-c", "echo starting db; sleep 0.3; echo READY >&3; exec sleep 1000"]
+        exec = ["/bin/sh", "-c", "echo starting db; sleep 0.3; chmod 755 @DIR@; touch @DIR@/db-ready; echo READY >&3; exec sleep 1000"]
         "#,
     );
     let s = wait_for("all ready", || {
@@ -125,6 +134,8 @@ fn starts_in_order_reports_ready_and_captures_output() {
             .any(|l| l == "web sees web in /tmp as 65534 with A=b c"),
         "{web:?}"
     );
+    // web started only after db said it was ready (db marks that just before).
+    assert!(web.iter().any(|l| l == "db was ready"), "{web:?}");
     let db = logs(&init.sock, "db");
     assert!(db.iter().any(|l| l == "starting db"), "{db:?}");
 }
@@ -247,15 +258,18 @@ fn bad_requests_get_clear_errors() {
 
 #[test]
 fn sigterm_stops_services_in_reverse_order_and_reaps_orphans() {
+    // Each service notes in @DIR@/stops when it gets SIGTERM; `top` takes a
+    // moment to stop and notes when it is done, so `base` (which `top` needs)
+    // must not get its SIGTERM until after that.
     let mut init = start(
         r#"
         [[service]]
         name = "base"
-        exec = ["/bin/sh", "-c", "trap 'echo base stopping; exit 0' TERM; echo READY >&3; while :; do sleep 0.05; done"]
+        exec = ["/bin/sh", "-c", "trap 'echo base got TERM >> @DIR@/stops; exit 0' TERM; echo READY >&3; while :; do sleep 0.05; done"]
         [[service]]
         name = "top"
         after = ["base"]
-        exec = ["/bin/sh", "-c", "(sleep 0.2 &); trap 'echo top stopping; exit 0' TERM; echo READY >&3; while :; do sleep 0.05; done"]
+        exec = ["/bin/sh", "-c", "(sleep 0.2 &); trap 'echo top got TERM >> @DIR@/stops; sleep 0.3; echo top stopped >> @DIR@/stops; exit 0' TERM; echo READY >&3; while :; do sleep 0.05; done"]
         [[service]]
         name = "stubborn"
         exec = ["/bin/sh", "-c", "trap '' TERM; echo READY >&3; while :; do sleep 0.05; done"]
@@ -283,4 +297,11 @@ fn sigterm_stops_services_in_reverse_order_and_reaps_orphans() {
     .unwrap();
     let status = wait_for("init exit", || init.child.try_wait().unwrap());
     assert!(status.success());
+    // Dependents first: base is signalled only once top has exited.
+    let stops = std::fs::read_to_string(init._dir.path().join("stops")).unwrap();
+    assert_eq!(
+        stops.lines().collect::<Vec<_>>(),
+        ["top got TERM", "top stopped", "base got TERM"],
+        "{stops}"
+    );
 }

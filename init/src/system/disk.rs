@@ -29,9 +29,9 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// the partition table is not what the image layout says
-    #[error("{0}")]
-    Layout(String),
+    /// the disk's size is not in sysfs
+    #[error("no size for {0} in sysfs")]
+    NoSize(PathBuf),
 }
 
 /// `/dev/vda` + 2 -> `/dev/vda2`; `/dev/mmcblk0` + 2 -> `/dev/mmcblk0p2`.
@@ -52,23 +52,30 @@ pub struct MbrEntry {
     pub sectors: u64,
 }
 
+/// The first MBR entry's offset; entries are 16 bytes each.
+const ENTRIES_AT: usize = 446;
+
 pub fn mbr_signature(mbr: &[u8]) -> Option<u32> {
     if mbr.get(510..512)? != [0x55, 0xAA] {
         return None;
     }
-    let b = mbr.get(440..444)?;
-    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    Some(u32::from_le_bytes(*mbr.get(440..)?.first_chunk()?))
+}
+
+/// Where entry `n` (1..=4 in an MBR) starts; `None` for 0.
+fn entry_offset(n: u32) -> Option<usize> {
+    let i = usize::try_from(n.checked_sub(1)?).ok()?;
+    i.checked_mul(16)?.checked_add(ENTRIES_AT)
 }
 
 /// Entry `n` (1..=4).
 pub fn mbr_entry(mbr: &[u8], n: u32) -> Option<MbrEntry> {
-    let off = 446 + 16 * (n.checked_sub(1)? as usize);
-    let e = mbr.get(off..off + 16)?;
-    let le = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
+    let e: &[u8; 16] = mbr.get(entry_offset(n)?..)?.first_chunk()?;
+    let [_, _, _, _, kind, _, _, _, s0, s1, s2, s3, n0, n1, n2, n3] = *e;
     Some(MbrEntry {
-        kind: e[4],
-        start: le(&e[8..12]),
-        sectors: le(&e[12..16]),
+        kind,
+        start: u64::from(u32::from_le_bytes([s0, s1, s2, s3])),
+        sectors: u64::from(u32::from_le_bytes([n0, n1, n2, n3])),
     })
 }
 
@@ -79,14 +86,19 @@ pub fn grow_entry(mbr: &mut [u8], n: u32, disk_sectors: u64) -> Option<MbrEntry>
     if e.kind == 0 || e.start == 0 {
         return None;
     }
-    let end = (disk_sectors / ALIGN_SECTORS * ALIGN_SECTORS).min(e.start + u32::MAX as u64);
+    let whole_mib = disk_sectors
+        .checked_div(ALIGN_SECTORS)?
+        .checked_mul(ALIGN_SECTORS)?;
+    // An MBR entry holds at most 2^32 - 1 sectors.
+    let end = whole_mib.min(e.start.saturating_add(u64::from(u32::MAX)));
     let new_sectors = end.checked_sub(e.start)?;
-    if new_sectors < e.sectors + ALIGN_SECTORS {
+    if new_sectors < e.sectors.saturating_add(ALIGN_SECTORS) {
         return None;
     }
-    let off = 446 + 16 * (n as usize - 1) + 12;
-    mbr.get_mut(off..off + 4)?
-        .copy_from_slice(&(new_sectors as u32).to_le_bytes());
+    let size: &mut [u8; 4] = mbr
+        .get_mut(entry_offset(n)?.checked_add(12)?..)?
+        .first_chunk_mut()?;
+    *size = u32::try_from(new_sectors).ok()?.to_le_bytes();
     Some(MbrEntry {
         sectors: new_sectors,
         ..e
@@ -96,12 +108,12 @@ pub fn grow_entry(mbr: &mut [u8], n: u32, disk_sectors: u64) -> Option<MbrEntry>
 /// Waits up to `timeout` for a disk with the Cloudlet signature (block devices
 /// appear asynchronously after their driver loads).
 pub fn find(timeout: std::time::Duration) -> Result<PathBuf, DiskError> {
-    let until = std::time::Instant::now() + timeout;
+    let started = std::time::Instant::now();
     loop {
         if let Some(d) = scan() {
             return Ok(d);
         }
-        if std::time::Instant::now() >= until {
+        if started.elapsed() >= timeout {
             return Err(DiskError::NotFound);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -174,17 +186,18 @@ pub fn grow_data_partition(disk: &Path) -> Result<Option<u64>, DiskError> {
     let mut mbr = [0u8; 512];
     f.read_exact_at(&mut mbr, 0)
         .map_err(|e| io("reading the MBR of", e))?;
-    let disk_sectors = sectors(disk)
-        .ok_or_else(|| DiskError::Layout(format!("no size for {} in sysfs", disk.display())))?;
+    let disk_sectors = sectors(disk).ok_or_else(|| DiskError::NoSize(disk.to_owned()))?;
     let Some(entry) = grow_entry(&mut mbr, PART_DATA, disk_sectors) else {
         return Ok(None);
     };
     f.write_all_at(&mbr, 0)
         .map_err(|e| io("writing the MBR of", e))?;
     f.sync_all().map_err(|e| io("syncing", e))?;
+    // Both are under 2^32 sectors of 2^9 bytes: well inside i64.
+    let bytes = |sectors: u64| i64::try_from(sectors.saturating_mul(SECTOR)).unwrap_or(i64::MAX);
     let mut part = BlkpgPartition {
-        start: (entry.start * SECTOR) as i64,
-        length: (entry.sectors * SECTOR) as i64,
+        start: bytes(entry.start),
+        length: bytes(entry.sectors),
         pno: PART_DATA as i32,
         devname: [0; 64],
         volname: [0; 64],
@@ -204,11 +217,15 @@ pub fn grow_data_partition(disk: &Path) -> Result<Option<u64>, DiskError> {
             std::io::Error::last_os_error(),
         ));
     }
-    Ok(Some(entry.sectors * SECTOR))
+    Ok(Some(entry.sectors.saturating_mul(SECTOR)))
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 
@@ -254,6 +271,7 @@ mod tests {
         bad[511] = 0;
         assert_eq!(mbr_signature(&bad), None);
         assert_eq!(mbr_entry(&m, 0), None);
+        assert_eq!(mbr_entry(&m, 5), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const SB_OFFSET: u64 = 1024;
@@ -27,15 +27,10 @@ pub struct Superblock {
 }
 
 fn le16(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes([*b.get(o)?, *b.get(o + 1)?]))
+    Some(u16::from_le_bytes(*b.get(o..)?.first_chunk()?))
 }
 fn le32(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes([
-        *b.get(o)?,
-        *b.get(o + 1)?,
-        *b.get(o + 2)?,
-        *b.get(o + 3)?,
-    ]))
+    Some(u32::from_le_bytes(*b.get(o..)?.first_chunk()?))
 }
 
 /// Parses the 1024-byte superblock; `None` if it is not ext2/3/4.
@@ -70,56 +65,101 @@ pub fn read(dev: &Path) -> std::io::Result<Option<Superblock>> {
     Ok(parse(&sb))
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+#[derive(Debug, thiserror::Error)]
+pub enum Ext4Error {
+    /// the tool could not be started
+    #[error("{program}: {source}")]
+    Spawn {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    /// the tool ran and failed
+    #[error("{program} {dev}: {status}: {stderr}")]
+    Failed {
+        program: &'static str,
+        dev: PathBuf,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    /// the mount point cannot be opened for the resize ioctl
+    #[error("opening {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// the kernel refused to grow the filesystem
+    #[error("growing ext4 on {path}: {source}")]
+    Resize {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+const MKE2FS: &str = "/sbin/mke2fs";
+const E2FSCK: &str = "/sbin/e2fsck";
+
+/// Makes a new ext4 on `dev` (an empty partition, or a factory reset).
+pub fn mkfs(dev: &Path, label: &str) -> Result<(), Ext4Error> {
+    let out = Command::new(MKE2FS)
+        .args(["-q", "-F", "-t", "ext4", "-L", label, "-m", "1"])
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .arg(dev)
+        .output()
+        .map_err(|source| Ext4Error::Spawn {
+            program: MKE2FS,
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{cmd:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(Ext4Error::Failed {
+            program: MKE2FS,
+            dev: dev.to_owned(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 
-/// Makes a new ext4 on `dev` (an empty partition, or a factory reset).
-pub fn mkfs(dev: &Path, label: &str) -> Result<(), String> {
-    run(Command::new("/sbin/mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-L", label, "-m", "1"])
-        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
-        .arg(dev))
-}
-
 /// Repairs a filesystem that recorded errors (journal replay alone is the kernel's job).
-pub fn fsck(dev: &Path) -> Result<(), String> {
-    let out = Command::new("/sbin/e2fsck")
+pub fn fsck(dev: &Path) -> Result<(), Ext4Error> {
+    let out = Command::new(E2FSCK)
         .arg("-p")
         .arg(dev)
         .output()
-        .map_err(|e| format!("e2fsck: {e}"))?;
+        .map_err(|source| Ext4Error::Spawn {
+            program: E2FSCK,
+            source,
+        })?;
     // 0: clean, 1: errors corrected. Anything else needs a person.
     match out.status.code() {
         Some(0) | Some(1) => Ok(()),
-        _ => Err(format!("e2fsck -p {}: {}", dev.display(), out.status)),
+        _ => Err(Ext4Error::Failed {
+            program: E2FSCK,
+            dev: dev.to_owned(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
     }
 }
 
 const EXT4_IOC_RESIZE_FS: nix::libc::c_ulong = 0x4008_6610;
 
 /// Grows the mounted filesystem at `mountpoint` to `blocks` blocks, online.
-pub fn resize_online(mountpoint: &Path, blocks: u64) -> Result<(), String> {
-    let dir = File::open(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+pub fn resize_online(mountpoint: &Path, blocks: u64) -> Result<(), Ext4Error> {
+    let dir = File::open(mountpoint).map_err(|source| Ext4Error::Open {
+        path: mountpoint.to_owned(),
+        source,
+    })?;
     let n: u64 = blocks;
     // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 through the pointer, which is valid for the call.
     let rc =
         unsafe { nix::libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &n as *const u64) };
     if rc < 0 {
-        return Err(format!(
-            "growing ext4 on {}: {}",
-            mountpoint.display(),
-            std::io::Error::last_os_error()
-        ));
+        return Err(Ext4Error::Resize {
+            path: mountpoint.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -128,11 +168,14 @@ pub fn resize_online(mountpoint: &Path, blocks: u64) -> Result<(), String> {
 pub fn space(path: &Path) -> Option<(u64, u64)> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;
     let f = s.fragment_size() as u64;
-    Some((s.blocks() as u64 * f, s.blocks_available() as u64 * f))
+    Some((
+        (s.blocks() as u64).saturating_mul(f),
+        (s.blocks_available() as u64).saturating_mul(f),
+    ))
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -4,6 +4,32 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
+/// One module that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    /// modules.dep is missing or unreadable: nothing can be loaded
+    #[error("{path}: {source}")]
+    Deps {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// a wanted module is neither a file nor built into the kernel
+    #[error("module {0}: not in modules.dep and not built in")]
+    Unknown(String),
+    /// the module file cannot be opened
+    #[error("{path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// the kernel refused the module
+    #[error("{path}: {errno}")]
+    Load {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
+}
+
 /// Module name as the kernel knows it: file stem with '-' as '_'.
 pub fn module_name(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
@@ -66,12 +92,18 @@ pub fn load_order(deps: &DepMap, wanted: &[String]) -> (Vec<String>, Vec<String>
 }
 
 /// Loads `wanted` (names) from `dir` (/lib/modules/<release>). Already-loaded
-/// modules are fine. Returns what went wrong, one line each; an empty list is success.
-pub fn load(dir: &Path, wanted: &[String]) -> Vec<String> {
+/// modules are fine. Returns what went wrong, one entry each; an empty list is success.
+pub fn load(dir: &Path, wanted: &[String]) -> Vec<ModuleError> {
     let mut problems = Vec::new();
-    let dep_text = match std::fs::read_to_string(dir.join("modules.dep")) {
+    let dep_path = dir.join("modules.dep");
+    let dep_text = match std::fs::read_to_string(&dep_path) {
         Ok(t) => t,
-        Err(e) => return vec![format!("{}: {e}", dir.join("modules.dep").display())],
+        Err(source) => {
+            return vec![ModuleError::Deps {
+                path: dep_path,
+                source,
+            }]
+        }
     };
     let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
     let builtin: HashSet<String> = builtin.lines().map(module_name).collect();
@@ -79,22 +111,22 @@ pub fn load(dir: &Path, wanted: &[String]) -> Vec<String> {
     let (order, unknown) = load_order(&deps, wanted);
     for u in unknown {
         if !builtin.contains(&module_name(&u)) {
-            problems.push(format!("module {u}: not in modules.dep and not built in"));
+            problems.push(ModuleError::Unknown(u));
         }
     }
     for rel in order {
         let path: PathBuf = dir.join(&rel);
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
-            Err(e) => {
-                problems.push(format!("{}: {e}", path.display()));
+            Err(source) => {
+                problems.push(ModuleError::Open { path, source });
                 continue;
             }
         };
         let params = CString::default();
         match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => problems.push(format!("{}: {e}", path.display())),
+            Err(errno) => problems.push(ModuleError::Load { path, errno }),
         }
     }
     problems

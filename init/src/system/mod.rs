@@ -2,6 +2,7 @@
 //! the clock, power. Everything here is called from [`crate::run`] and
 //! [`crate::stage1`]; parsers are pure functions with tests.
 
+pub mod clock;
 pub mod cmdline;
 pub mod disk;
 pub mod ext4;

@@ -5,6 +5,28 @@ use std::path::Path;
 
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// no socket to send the interface ioctls on
+    #[error("socket: {0}")]
+    Socket(nix::errno::Errno),
+    /// the name does not fit a struct ifreq
+    #[error("interface name {0} too long")]
+    NameTooLong(String),
+    /// reading the interface's flags failed (no such interface?)
+    #[error("{iface}: get flags: {source}")]
+    GetFlags {
+        iface: String,
+        source: std::io::Error,
+    },
+    /// setting IFF_UP failed
+    #[error("{iface}: set up: {source}")]
+    SetUp {
+        iface: String,
+        source: std::io::Error,
+    },
+}
+
 #[repr(C)]
 struct IfreqFlags {
     name: [u8; 16],
@@ -13,14 +35,14 @@ struct IfreqFlags {
 }
 
 /// Sets IFF_UP on `iface`.
-pub fn link_up(iface: &str) -> Result<(), String> {
+pub fn link_up(iface: &str) -> Result<(), LinkError> {
     let sock = socket(
         AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| format!("socket: {e}"))?;
+    .map_err(LinkError::Socket)?;
     let mut req = IfreqFlags {
         name: [0; 16],
         flags: 0,
@@ -28,24 +50,24 @@ pub fn link_up(iface: &str) -> Result<(), String> {
     };
     let bytes = iface.as_bytes();
     if bytes.len() >= req.name.len() {
-        return Err(format!("interface name {iface:?} too long"));
+        return Err(LinkError::NameTooLong(iface.to_owned()));
     }
     req.name.iter_mut().zip(bytes).for_each(|(d, s)| *d = *s);
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write a struct ifreq, which
     // IfreqFlags lays out (name, then the flags member of the union, padded to 40 bytes).
     unsafe {
         if nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCGIFFLAGS as _, &mut req) < 0 {
-            return Err(format!(
-                "{iface}: get flags: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(LinkError::GetFlags {
+                iface: iface.to_owned(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         req.flags |= nix::libc::IFF_UP as nix::libc::c_short;
         if nix::libc::ioctl(sock.as_raw_fd(), nix::libc::SIOCSIFFLAGS as _, &req) < 0 {
-            return Err(format!(
-                "{iface}: set up: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(LinkError::SetUp {
+                iface: iface.to_owned(),
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     Ok(())
