@@ -59,11 +59,25 @@ impl<T> ResponseBody for T where
 {
 }
 
-/// Tells init the service is ready. Without init (no `CLOUDLET_READY_FD`) it does nothing.
+/// Tells init the service is ready, once. Without init (no
+/// `CLOUDLET_READY_FD`) it does nothing.
+///
+/// The variable is left in the environment (removing it is unsound once
+/// threads exist); a flag makes sure the descriptor is used once, since a
+/// second use could hit whatever file reused its number.
 pub fn notify_ready() -> std::io::Result<()> {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let Ok(fd) = std::env::var("CLOUDLET_READY_FD") else {
         return Ok(());
     };
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(());
+    }
+    write_ready(&fd)
+}
+
+/// Writes `READY` to the descriptor numbered `fd` and closes it.
+fn write_ready(fd: &str) -> std::io::Result<()> {
     let fd: i32 = fd.parse().map_err(|_| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -73,7 +87,6 @@ pub fn notify_ready() -> std::io::Result<()> {
     // SAFETY: init opened this descriptor for us and nothing else in the
     // process uses it; the File takes ownership and closes it after the write.
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    std::env::remove_var("CLOUDLET_READY_FD");
     f.write_all(b"READY\n")
 }
 
@@ -697,15 +710,16 @@ mod tests {
         let (r, w) = std::io::pipe().unwrap();
         use std::os::fd::IntoRawFd;
         let fd = w.into_raw_fd();
-        std::env::set_var("CLOUDLET_READY_FD", fd.to_string());
-        notify_ready().unwrap();
+        // Not through the environment: setting variables while other tests'
+        // threads read them is a data race.
+        write_ready(&fd.to_string()).unwrap();
         let mut s = String::new();
         use std::io::Read;
         let mut r = r;
+        // The write end was closed after the write, so this ends.
         r.read_to_string(&mut s).unwrap();
         assert_eq!(s, "READY\n");
-        // Only once: the variable is gone.
-        notify_ready().unwrap();
+        assert!(write_ready("not a number").is_err());
     }
 }
 
