@@ -86,6 +86,9 @@ pub enum DecodeError {
     /// a required variable is missing or not a hex number
     #[error("variable {0} is missing or not a hex number")]
     BadVariable(&'static str),
+    /// the copy is larger than U-Boot writes one ([`ENV_SIZE`])
+    #[error("the copy is {0} bytes, more than {ENV_SIZE}")]
+    TooLong(usize),
 }
 
 /// A decoded U-Boot environment: the raw variables plus the header layout it was read with.
@@ -123,7 +126,19 @@ impl Env {
         Ok(Env { vars, header_len })
     }
 
-    /// Encodes to exactly `size` bytes with a valid CRC.
+    /// Bytes [`Env::encode`] needs to hold every variable.
+    pub fn encoded_len(&self) -> usize {
+        self.header_len
+            + self
+                .vars
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>()
+            + 1
+    }
+
+    /// Encodes to exactly `size` bytes with a valid CRC (variables past
+    /// `size` are cut: check [`Env::encoded_len`] first).
     pub fn encode(&self, size: usize) -> Vec<u8> {
         let mut data = Vec::with_capacity(size);
         for (k, v) in &self.vars {
@@ -218,12 +233,26 @@ impl BootState {
         }
     }
 
+    /// Decodes one copy; a copy larger than U-Boot writes is refused (it
+    /// could not be written back whole).
     pub fn decode(bytes: &[u8]) -> Result<BootState, DecodeError> {
+        if bytes.len() > ENV_SIZE {
+            return Err(DecodeError::TooLong(bytes.len()));
+        }
         BootState::from_env(Env::decode(bytes)?)
     }
 
+    /// Encodes one copy of [`ENV_SIZE`] bytes that always decodes to the
+    /// boot's own variables: other variables are kept while they fit and
+    /// dropped when they would not (cutting them would have cut ours too).
     pub fn encode(&self) -> Vec<u8> {
-        self.to_env().encode(ENV_SIZE)
+        let env = self.to_env();
+        if env.encoded_len() <= ENV_SIZE {
+            return env.encode(ENV_SIZE);
+        }
+        let mut lean = self.clone();
+        lean.extra.clear();
+        lean.to_env().encode(ENV_SIZE)
     }
 
     pub fn tries_left(&self, slot: Slot) -> u32 {
@@ -279,6 +308,23 @@ pub fn next_write(newest_index: usize, state: &BootState) -> (usize, Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_oversize_copy_is_refused_and_a_crowded_one_writes_back_whole() {
+        // Found by the bootstate fuzz target: a copy past ENV_SIZE decoded,
+        // and writing it back cut BOOT_SEQ off.
+        let mut env = BootState::initial().to_env();
+        env.vars.insert("AAAA".into(), "x".repeat(5000));
+        let big = env.encode(env.encoded_len());
+        assert!(matches!(BootState::decode(&big), Err(DecodeError::TooLong(_))));
+        // A state whose other variables no longer fit still writes its own.
+        let mut s = BootState::initial();
+        s.extra.insert("AAAA".into(), "x".repeat(5000));
+        let written = s.encode();
+        assert_eq!(written.len(), ENV_SIZE);
+        let back = BootState::decode(&written).unwrap();
+        assert_eq!((back.seq, back.a_left, back.extra.len()), (1, TRIES, 0));
+    }
+
     use super::*;
 
     #[test]
