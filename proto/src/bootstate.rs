@@ -315,7 +315,10 @@ mod tests {
         let mut env = BootState::initial().to_env();
         env.vars.insert("AAAA".into(), "x".repeat(5000));
         let big = env.encode(env.encoded_len());
-        assert!(matches!(BootState::decode(&big), Err(DecodeError::TooLong(_))));
+        assert!(matches!(
+            BootState::decode(&big),
+            Err(DecodeError::TooLong(_))
+        ));
         // A state whose other variables no longer fit still writes its own.
         let mut s = BootState::initial();
         s.extra.insert("AAAA".into(), "x".repeat(5000));
