@@ -1084,3 +1084,189 @@ fn parallel_reads_of_a_large_file_keep_memory_small() {
         "RSS grew from {before} KiB to {peak} KiB reading a 96 MiB file three times"
     );
 }
+
+/// Found by an independent attack on the hardened service: a MOVE or COPY
+/// onto a folder that holds the source deleted the source first.
+#[test]
+fn moving_or_copying_onto_an_ancestor_is_refused_and_loses_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    let data = Rng(3).fill(200_000);
+    assert_eq!(s.req("MKCOL", "/files/q/", &[], Body::None).status, 201);
+    assert_eq!(
+        s.req("MKCOL", "/files/q/child/", &[], Body::None).status,
+        201
+    );
+    assert_eq!(s.put("/files/q/child/data.bin", &data).status, 201);
+    assert_eq!(s.put("/files/q/small.txt", b"small").status, 201);
+    let used = used_bytes(&s);
+    for (method, src, dest) in [
+        ("MOVE", "/files/q/small.txt", "/files/q"),
+        ("COPY", "/files/q/small.txt", "/files/q/"),
+        ("MOVE", "/files/q/child/", "/files/q/"),
+        ("COPY", "/files/q/child/", "/files/q"),
+        ("MOVE", "/files/q/child/data.bin", "/files/q/"),
+    ] {
+        let r = s.req(
+            method,
+            src,
+            &[("Destination", dest), ("Overwrite", "T")],
+            Body::None,
+        );
+        assert_eq!(r.status, 403, "{method} {src} onto {dest}");
+    }
+    assert!(s.get("/files/q/child/data.bin", &[]).body == data);
+    assert_eq!(s.get("/files/q/small.txt", &[]).body, b"small");
+    assert_eq!(used_bytes(&s), used);
+}
+
+#[test]
+fn deeply_nested_xml_is_refused_and_the_service_stays_up() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.put("/files/f", b"x").status, 201);
+    let deep = |n: usize| {
+        format!(
+            r#"<D:propfind xmlns:D="DAV:"><D:prop>{}{}</D:prop></D:propfind>"#,
+            "<a>".repeat(n),
+            "</a>".repeat(n)
+        )
+    };
+    for method in ["PROPFIND", "PROPPATCH", "LOCK"] {
+        let r = s.req(
+            method,
+            "/files/f",
+            &[("Depth", "0")],
+            Body::Bytes(deep(9000).as_bytes()),
+        );
+        assert_eq!(r.status, 400, "{method} with 9,000 levels");
+    }
+    assert_eq!(
+        s.get("/files/f", &[]).body,
+        b"x",
+        "the service is still there"
+    );
+}
+
+#[test]
+fn an_expired_lock_stops_blocking_and_cannot_be_refreshed() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.put("/files/f", b"x").status, 201);
+    let r = lock(&s, "/files/f", "me", "Second-1");
+    assert_eq!(r.status, 200);
+    let token = r.header("lock-token").unwrap().to_owned();
+    assert_eq!(s.put("/files/f", b"y").status, 423, "locked");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.put("/files/f", b"y").status, 204, "the lock expired");
+    let refresh = s.req(
+        "LOCK",
+        "/files/f",
+        &[("If", &format!("({token})")), ("Timeout", "Second-60")],
+        Body::None,
+    );
+    assert_eq!(refresh.status, 412, "{}", refresh.text());
+}
+
+#[test]
+fn a_range_end_past_u64_reads_to_the_end() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    let data = Rng(4).fill(1_000_000);
+    assert_eq!(s.put("/files/r.bin", &data).status, 201);
+    for (range, start) in [
+        ("bytes=0-18446744073709551615", 0),
+        ("bytes=5-18446744073709551615", 5),
+    ] {
+        let r = s.get("/files/r.bin", &[("Range", range)]);
+        assert_eq!(r.status, 206, "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {start}-999999/1000000").as_str())
+        );
+        assert!(r.body == data[start..], "{range}");
+    }
+}
+
+#[test]
+fn copies_of_properties_count_against_the_quota() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.put("/files/f", b"0123456789").status, 201);
+    let big = format!("<Z:p>{}</Z:p>", "x".repeat(50_000));
+    assert_eq!(proppatch(&s, "/files/f", &big).status, 207);
+    let used: u64 = used_bytes(&s).parse().unwrap();
+    let quota = used + 60_000;
+    let r = s.req(
+        "PUT",
+        "/api/quota",
+        &[],
+        Body::Bytes(format!("{{\"bytes\": {quota}}}").as_bytes()),
+    );
+    assert_eq!(r.status, 200);
+    let first = s.req(
+        "COPY",
+        "/files/f",
+        &[("Destination", "/files/g1")],
+        Body::None,
+    );
+    assert_eq!(first.status, 201, "one copy fits");
+    let second = s.req(
+        "COPY",
+        "/files/f",
+        &[("Destination", "/files/g2")],
+        Body::None,
+    );
+    assert_eq!(second.status, 507, "a second does not");
+    assert_eq!(s.get("/files/g2", &[]).status, 404);
+    let now: u64 = used_bytes(&s).parse().unwrap();
+    assert!(now <= quota, "{now} over the quota {quota}");
+}
+
+#[test]
+fn copy_at_depth_0_replaces_an_existing_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(s.req("MKCOL", "/files/a/", &[], Body::None).status, 201);
+    assert_eq!(s.put("/files/a/in-a", b"a").status, 201);
+    assert_eq!(s.req("MKCOL", "/files/b/", &[], Body::None).status, 201);
+    assert_eq!(s.put("/files/b/in-b", b"b").status, 201);
+    let r = s.req(
+        "COPY",
+        "/files/a/",
+        &[
+            ("Destination", "/files/b/"),
+            ("Depth", "0"),
+            ("Overwrite", "T"),
+        ],
+        Body::None,
+    );
+    assert_eq!(r.status, 204);
+    // RFC 4918 9.8.4: the destination is deleted, then the folder alone copied.
+    assert_eq!(count_tree(&s, "/files/b/"), 1);
+    assert_eq!(s.get("/files/a/in-a", &[]).body, b"a");
+    for (method, depth) in [("COPY", "2"), ("MOVE", "0"), ("LOCK", "bogus")] {
+        let r = s.req(
+            method,
+            "/files/a/",
+            &[("Destination", "/files/c/"), ("Depth", depth)],
+            Body::None,
+        );
+        assert_eq!(r.status, 400, "{method} with Depth {depth}");
+    }
+}
+
+#[test]
+fn stored_pages_are_served_sandboxed() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    assert_eq!(
+        s.put("/files/page.html", b"<script>fetch('/api/space')</script>")
+            .status,
+        201
+    );
+    let r = s.get("/files/page.html", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-security-policy"), Some("sandbox"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+}

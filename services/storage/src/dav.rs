@@ -71,10 +71,13 @@ pub enum TreeOp {
     /// MOVE: the destination, if dav-server asks to delete it first, is
     /// replaced in the same transaction as the move.
     Move { replace: AtomicBool },
-    /// COPY from `from`; `members` is false for Depth 0 (the folder alone).
+    /// COPY from `from`; `members` is false for Depth 0 (the folder alone);
+    /// `overwrite` is the Overwrite header (dav-server does not delete an
+    /// existing folder for a Depth 0 COPY, which RFC 4918 9.8.4 requires).
     Copy {
         from: String,
         members: bool,
+        overwrite: bool,
         replace: AtomicBool,
     },
 }
@@ -90,10 +93,11 @@ impl TreeOp {
         }
     }
 
-    pub fn copy(from: String, members: bool) -> TreeOp {
+    pub fn copy(from: String, members: bool, overwrite: bool) -> TreeOp {
         TreeOp::Copy {
             from,
             members,
+            overwrite,
             replace: AtomicBool::new(false),
         }
     }
@@ -195,7 +199,9 @@ fn fs_error(e: StoreError) -> FsError {
         StoreError::Path(_) => FsError::Forbidden,
         StoreError::NotFound(_) | StoreError::NoParent(_) => FsError::NotFound,
         StoreError::Exists(_) => FsError::Exists,
-        StoreError::IsDir(_) | StoreError::IntoItself(_) => FsError::Forbidden,
+        StoreError::IsDir(_) | StoreError::IntoItself(_) | StoreError::OntoAncestor(_) => {
+            FsError::Forbidden
+        }
         StoreError::OverQuota { .. } | StoreError::TooManyProps(_) => FsError::InsufficientStorage,
         e => {
             tracing::error!(error = %e, "storage");
@@ -394,7 +400,13 @@ impl DavFileSystem for StoreFs {
     fn create_dir<'a>(&'a self, path: &'a DavPath) -> FsFuture<'a, ()> {
         async move {
             let key = key(path)?;
-            if let Some(TreeOp::Copy { from, members, .. }) = self.tree.as_deref() {
+            if let Some(TreeOp::Copy {
+                from,
+                members,
+                overwrite,
+                ..
+            }) = self.tree.as_deref()
+            {
                 // COPY of a folder: dav-server makes the destination folder
                 // and would then copy member by member; the whole tree goes
                 // here, in one transaction.
@@ -402,13 +414,13 @@ impl DavFileSystem for StoreFs {
                     from.clone(),
                     self.tree.as_ref().is_some_and(|t| t.replacing()),
                 );
-                let members = *members;
+                let (members, overwrite) = (*members, *overwrite);
                 return self
                     .blocking(move |s| {
                         if members {
                             s.transfer(&from, &key, replace, true)
                         } else {
-                            s.replace_with_dir(&key, replace)
+                            s.replace_with_dir(&key, replace || overwrite)
                         }
                     })
                     .await;

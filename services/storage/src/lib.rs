@@ -151,6 +151,18 @@ impl Storage {
                 resp.headers_mut()
                     .insert("dav", hyper::header::HeaderValue::from_static("1, 2, 3"));
             }
+            // A stored HTML or SVG file runs no script in the box's origin
+            // (it would reach /api with the owner's credential), and no
+            // browser guesses a type other than the one sent.
+            let h = resp.headers_mut();
+            h.insert(
+                "content-security-policy",
+                hyper::header::HeaderValue::from_static("sandbox"),
+            );
+            h.insert(
+                "x-content-type-options",
+                hyper::header::HeaderValue::from_static("nosniff"),
+            );
             resp
         }
     }

@@ -32,7 +32,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Every live lock: token -> (path, when it expires).
-type Live = HashMap<String, (Vec<u8>, SystemTime)>;
+type Live = HashMap<String, (DavPath, SystemTime)>;
 
 #[derive(Debug, Clone)]
 pub struct BoundedLocks {
@@ -82,6 +82,27 @@ impl BoundedLocks {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Unlocks every lock past its time. dav-server's MemLs never looks at
+    /// expiry: an expired lock kept blocking writes and kept its memory.
+    async fn expire(&self) {
+        let now = SystemTime::now();
+        let gone: Vec<(String, DavPath)> = {
+            let mut live = self.live();
+            let gone: Vec<(String, DavPath)> = live
+                .iter()
+                .filter(|(_, (_, until))| *until <= now)
+                .map(|(t, (p, _))| (t.clone(), p.clone()))
+                .collect();
+            for (t, _) in &gone {
+                live.remove(t);
+            }
+            gone
+        };
+        for (token, path) in gone {
+            let _ = self.inner.unlock(&path, &token).await;
+        }
+    }
+
     /// A refusal dav-server turns into 423 Locked: the trait has no other
     /// way to say no.
     fn refusal(path: &DavPath) -> DavLock {
@@ -116,10 +137,9 @@ impl DavLockSystem for BoundedLocks {
                 tracing::warn!(path = %path, "lock refused: owner over {MAX_OWNER} bytes");
                 return Err(Self::refusal(&path));
             }
+            self.expire().await;
             {
-                let now = SystemTime::now();
-                let mut live = self.live();
-                live.retain(|_, (_, until)| *until > now);
+                let live = self.live();
                 if live.len() >= self.max {
                     tracing::warn!(path = %path, "lock refused: {} locks held", live.len());
                     return Err(Self::refusal(&path));
@@ -139,7 +159,7 @@ impl DavLockSystem for BoundedLocks {
                 .await?;
             let until = SystemTime::now() + t;
             self.live()
-                .insert(lock.token.clone(), (path.as_bytes().to_vec(), until));
+                .insert(lock.token.clone(), (path.clone(), until));
             Ok(lock)
         }
         .boxed()
@@ -165,6 +185,8 @@ impl DavLockSystem for BoundedLocks {
     ) -> LsFuture<'_, Result<DavLock, ()>> {
         let (path, token) = (path.clone(), token.to_owned());
         async move {
+            // An expired lock cannot be refreshed (412): it is gone first.
+            self.expire().await;
             let t = bounded(timeout);
             let lock = self.inner.refresh(&path, &token, Some(t)).await?;
             if let Some(entry) = self.live().get_mut(&token) {
@@ -183,20 +205,42 @@ impl DavLockSystem for BoundedLocks {
         deep: bool,
         submitted_tokens: &[String],
     ) -> LsFuture<'_, Result<(), DavLock>> {
-        self.inner
-            .check(path, principal, ignore_principal, deep, submitted_tokens)
+        let path = path.clone();
+        let principal = principal.map(str::to_owned);
+        let tokens = submitted_tokens.to_vec();
+        async move {
+            self.expire().await;
+            self.inner
+                .check(&path, principal.as_deref(), ignore_principal, deep, &tokens)
+                .await
+        }
+        .boxed()
     }
 
     fn discover(&'_ self, path: &DavPath) -> LsFuture<'_, Vec<DavLock>> {
-        self.inner.discover(path)
+        let path = path.clone();
+        async move {
+            self.expire().await;
+            self.inner.discover(&path).await
+        }
+        .boxed()
     }
 
     fn delete(&'_ self, path: &DavPath) -> LsFuture<'_, Result<(), ()>> {
         let path = path.clone();
         async move {
             let r = self.inner.delete(&path).await;
-            let prefix = path.as_bytes().to_vec();
-            self.live().retain(|_, (p, _)| !p.starts_with(&prefix));
+            // Whole path segments: /d/m is not under /d/m0.
+            let top = path
+                .as_bytes()
+                .strip_suffix(b"/")
+                .unwrap_or(path.as_bytes())
+                .to_vec();
+            self.live().retain(|_, (p, _)| {
+                let p = p.as_bytes();
+                !(p.strip_suffix(b"/").unwrap_or(p) == top.as_slice()
+                    || (p.starts_with(&top) && p.get(top.len()) == Some(&b'/')))
+            });
             r
         }
         .boxed()
@@ -267,6 +311,45 @@ mod tests {
             .lock(&path("/a"), None, Some(&small), None, false, false)
             .await
             .is_ok());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_expired_lock_blocks_nothing_and_cannot_be_refreshed() {
+        let ls = BoundedLocks::new(1);
+        let a = ls
+            .lock(&path("/a"), None, None, Some(Duration::ZERO), false, false)
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(ls.check(&path("/a"), None, false, false, &[]).await.is_ok());
+        assert!(ls.discover(&path("/a")).await.is_empty());
+        assert!(ls.refresh(&path("/a"), &a.token, None).await.is_err());
+        // And it no longer counts against the cap.
+        assert!(ls
+            .lock(&path("/b"), None, None, None, false, false)
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn deleting_a_path_frees_only_locks_below_it_by_segment() {
+        let ls = BoundedLocks::new(2);
+        ls.lock(&path("/d/m0"), None, None, None, false, false)
+            .await
+            .unwrap();
+        ls.lock(&path("/d/m"), None, None, None, false, false)
+            .await
+            .unwrap();
+        ls.delete(&path("/d/m")).await.unwrap();
+        // /d/m0 still counts: one place free, not two.
+        assert!(ls
+            .lock(&path("/e"), None, None, None, false, false)
+            .await
+            .is_ok());
+        assert!(ls
+            .lock(&path("/f"), None, None, None, false, false)
+            .await
+            .is_err());
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -122,6 +122,9 @@ pub enum StoreError {
     /// a folder cannot be moved or copied into itself
     #[error("{0:?} cannot go inside itself")]
     IntoItself(String),
+    /// a file or folder cannot replace a folder that holds it
+    #[error("{0:?} cannot replace a folder it is in")]
+    OntoAncestor(String),
     /// a bug: the change was not made
     #[error("internal error: {0}")]
     Internal(String),
@@ -604,10 +607,12 @@ impl Store {
                 }
             }
             if let Some(quota) = tx.counter(QUOTA)? {
-                if after > quota && after > before {
+                // Dead properties count against the quota as contents do.
+                let props = tx.counter(PROPS)?.unwrap_or(0);
+                if after.saturating_add(props) > quota && after > before {
                     return Err(StoreError::OverQuota {
                         quota,
-                        used: before,
+                        used: before.saturating_add(props),
                         more: after - before,
                     });
                 }
@@ -677,10 +682,16 @@ impl Store {
         if to == from || to.starts_with(&format!("{from}/")) {
             return Err(StoreError::IntoItself(from));
         }
+        // Onto a folder that holds the source: replacing it would delete the
+        // source first (and lose it).
+        if from.starts_with(&format!("{to}/")) {
+            return Err(StoreError::OntoAncestor(from));
+        }
         self.change(move |tx| {
             let Some(src) = get(&tx.entries, &from)? else {
                 return Err(StoreError::NotFound(from.clone()));
             };
+            let before = tx.counter(USED)?.unwrap_or(0) + tx.counter(PROPS)?.unwrap_or(0);
             require_parent(&tx.entries, &to)?;
             if let Some(old) = get(&tx.entries, &to)? {
                 if !overwrite {
@@ -692,12 +703,28 @@ impl Store {
             items.extend(descendants(&tx.entries, &from)?);
             for (p, e) in items {
                 let dest = format!("{to}{}", &p[from.len()..]);
+                if dest.len() > crate::path::MAX_PATH {
+                    return Err(StoreError::Path(PathError::TooLong(
+                        dest.chars().take(64).collect(),
+                    )));
+                }
                 if keep {
                     tx.reference(&e, 1)?;
                 } else {
                     tx.entries.remove(p.as_str()).map_err(dberr)?;
                 }
                 put_entry(tx, &dest, &e)?;
+            }
+            // A copy shares contents but not dead properties: those count.
+            let after = tx.counter(USED)?.unwrap_or(0) + tx.counter(PROPS)?.unwrap_or(0);
+            if let Some(quota) = tx.counter(QUOTA)? {
+                if after > quota && after > before {
+                    return Err(StoreError::OverQuota {
+                        quota,
+                        used: before,
+                        more: after - before,
+                    });
+                }
             }
             touch_parent(tx, &to)?;
             if !keep {
@@ -717,6 +744,7 @@ impl Store {
                 return Err(StoreError::NotFound(path.clone()));
             };
             let before = e.props_bytes();
+            let count_before = e.props.len();
             for (set, p) in &patch {
                 e.props.retain(|q| !same_prop(q, &p.namespace, &p.name));
                 if *set {
@@ -724,7 +752,9 @@ impl Store {
                 }
             }
             let after = e.props_bytes();
-            if after > before && (e.props.len() > MAX_PROPS || after > MAX_PROPS_BYTES) {
+            if (e.props.len() > MAX_PROPS && e.props.len() > count_before)
+                || (after > MAX_PROPS_BYTES && after > before)
+            {
                 return Err(StoreError::TooManyProps(path.clone()));
             }
             if after > before {

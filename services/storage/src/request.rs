@@ -160,15 +160,14 @@ where
                     ))
                 }
             }
-            let (parts, body) = req.into_parts();
-            let body = http_body_util::Limited::new(body, PROPFIND_BODY_MAX)
-                .collect()
-                .await
-                .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")))?
-                .to_bytes();
+            let (req, body) = read_xml(req).await?;
             let named = named_props(&body);
-            let req = Request::from_parts(parts, boxed_body(http_body_util::Full::new(body)));
             Ok((req, named.map(Special::NamedProps)))
+        }
+        "PROPPATCH" => Ok((read_xml(req).await?.0, None)),
+        "LOCK" => {
+            depth_is(&req, &["0", "infinity"])?;
+            Ok((read_xml(req).await?.0, None))
         }
         "GET" | "HEAD" => {
             let several = req
@@ -181,6 +180,17 @@ where
             if several {
                 req.headers_mut().remove(RANGE);
                 req.headers_mut().remove("if-range");
+            } else if let Some(open) = req
+                .headers()
+                .get(RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(clamp_range)
+            {
+                // An end past what a u64 holds wrapped in dav-server's
+                // arithmetic: RFC 9110 14.1.2 reads it as "to the end".
+                if let Ok(v) = HeaderValue::from_str(&open) {
+                    req.headers_mut().insert(RANGE, v);
+                }
             }
             Ok((req, None))
         }
@@ -194,13 +204,26 @@ where
             Ok((req, Some(Special::Tree(TreeOp::delete()))))
         }
         "COPY" | "MOVE" => {
+            if method.as_str() == "COPY" {
+                depth_is(&req, &["0", "infinity"])?;
+            } else {
+                depth_is(&req, &["infinity"])?;
+            }
             if key.is_empty() && method.as_str() == "MOVE" {
                 return Err(error(
                     StatusCode::FORBIDDEN,
                     "the root folder cannot be moved",
                 ));
             }
-            let dest = destination(&req)?;
+            let (dest, dest_key) = destination(&req)?;
+            // Onto a folder that holds the source: replacing it would delete
+            // the source first. (Into the source itself is dav-server's 403.)
+            if key.starts_with(&format!("{dest_key}/")) {
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "the Destination holds the source: it cannot be replaced by it",
+                ));
+            }
             req.headers_mut().insert(
                 "destination",
                 HeaderValue::from_str(&dest).map_err(|_| {
@@ -214,9 +237,112 @@ where
                 return Ok((req, Some(Special::Tree(TreeOp::moving()))));
             }
             let members = !matches!(req.headers().get("depth").map(|v| v.as_bytes()), Some(b"0"));
-            Ok((req, Some(Special::Tree(TreeOp::copy(key, members)))))
+            let overwrite = !matches!(
+                req.headers().get("overwrite").map(|v| v.as_bytes()),
+                Some(b"F") | Some(b"f")
+            );
+            Ok((
+                req,
+                Some(Special::Tree(TreeOp::copy(key, members, overwrite))),
+            ))
         }
         _ => Ok((req, None)),
+    }
+}
+
+/// Most levels of XML elements a request body may nest: WebDAV bodies use
+/// five or six; the XML parser recurses once per level, and 9,000 levels
+/// overflowed the stack.
+pub const XML_DEPTH_MAX: usize = 64;
+
+/// How deeply a body's elements nest (start tags minus end tags, at most),
+/// counted on the bytes before any parser sees them.
+fn xml_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        if body[i..].starts_with(b"<!--") {
+            // A comment ends at "-->", whatever it holds.
+            i = body[i..]
+                .windows(3)
+                .position(|w| w == b"-->")
+                .map_or(body.len(), |p| i + p + 3);
+            continue;
+        }
+        let next = body.get(i + 1).copied();
+        let end = body[i..]
+            .iter()
+            .position(|&b| b == b'>')
+            .map_or(body.len(), |p| i + p);
+        match next {
+            Some(b'/') => depth = depth.saturating_sub(1),
+            Some(b'?') | Some(b'!') => {}
+            _ if end > 0 && body.get(end - 1) == Some(&b'/') => {}
+            _ => {
+                depth += 1;
+                max = max.max(depth);
+            }
+        }
+        i = end + 1;
+    }
+    max
+}
+
+/// Reads an XML request body whole (bounded), refusing one that nests too deeply.
+async fn read_xml(req: Request<DavBody>) -> Result<(Request<DavBody>, Bytes), Refusal> {
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::Limited::new(body, PROPFIND_BODY_MAX)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("reading the body: {e}"),
+            )
+        })?
+        .to_bytes();
+    if xml_depth(&body) > XML_DEPTH_MAX {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("the XML nests more than {XML_DEPTH_MAX} levels"),
+        ));
+    }
+    let req = Request::from_parts(parts, boxed_body(http_body_util::Full::new(body.clone())));
+    Ok((req, body))
+}
+
+/// Refuses a Depth header that is present and not one of `allowed`.
+fn depth_is<B>(req: &Request<B>, allowed: &[&str]) -> Result<(), Refusal> {
+    match req.headers().get("depth").map(|v| v.to_str().unwrap_or("")) {
+        None => Ok(()),
+        Some(d) if allowed.iter().any(|a| a.eq_ignore_ascii_case(d.trim())) => Ok(()),
+        Some(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("Depth must be {}", allowed.join(" or ")),
+        )),
+    }
+}
+
+/// A single `bytes=A-B` range whose end does not fit in a u64 (or is past
+/// 2^62), as the open range `bytes=A-`; `None` for every other Range.
+fn clamp_range(v: &str) -> Option<String> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    let (start, end) = spec.split_once('-')?;
+    let start = start.trim();
+    if start.is_empty() || start.parse::<u64>().is_err() {
+        return None;
+    }
+    let end = end.trim();
+    if end.is_empty() || !end.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match end.parse::<u64>() {
+        Ok(e) if e < 1 << 62 => None,
+        _ => Some(format!("bytes={start}-")),
     }
 }
 
@@ -362,9 +488,9 @@ where
     StreamBody::new(stream).boxed_unsync()
 }
 
-/// The Destination's path (still percent-encoded), once it is known to be on
-/// this server, inside `/files/` and not the root.
-fn destination<B>(req: &Request<B>) -> Result<String, Answer> {
+/// The Destination's path (still percent-encoded) and its store key, once it
+/// is known to be on this server, inside `/files/` and not the root.
+fn destination<B>(req: &Request<B>) -> Result<(String, String), Answer> {
     let v = req
         .headers()
         .get("destination")
@@ -412,7 +538,7 @@ fn destination<B>(req: &Request<B>) -> Result<String, Answer> {
             "the root folder cannot be a Destination",
         ));
     }
-    Ok(path)
+    Ok((path, key))
 }
 
 /// Whether two authorities (`host[:port]`) name the same server, the
@@ -469,6 +595,30 @@ mod tests {
         let all = br#"<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>"#;
         assert_eq!(named_props(all), None);
         assert_eq!(named_props(b""), None);
+    }
+
+    #[test]
+    fn deep_xml_is_measured_before_parsing() {
+        let deep = format!("<a>{}{}</a>", "<b>".repeat(100), "</b>".repeat(100));
+        assert_eq!(xml_depth(deep.as_bytes()), 101);
+        let lock = br#"<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope></D:lockinfo>"#;
+        assert_eq!(xml_depth(lock), 2);
+        assert_eq!(xml_depth(b"<!-- <a><a><a> -->"), 0);
+    }
+
+    #[test]
+    fn range_ends_past_u64_read_as_open_ranges() {
+        assert_eq!(
+            clamp_range("bytes=0-18446744073709551615").as_deref(),
+            Some("bytes=0-")
+        );
+        assert_eq!(
+            clamp_range("bytes=5-99999999999999999999999").as_deref(),
+            Some("bytes=5-")
+        );
+        assert_eq!(clamp_range("bytes=0-99"), None);
+        assert_eq!(clamp_range("bytes=-500"), None);
+        assert_eq!(clamp_range("bytes=7-"), None);
     }
 
     #[test]
