@@ -260,3 +260,56 @@ fn a_stalled_upload_is_dropped_after_the_body_idle_timeout_and_leaves_nothing() 
         404
     );
 }
+
+/// Clients that ask for a large file and never read the answer: each blocked
+/// write held its connection's place forever, so one host's 64 such sockets
+/// (or 512 from a few hosts) kept everyone out. A write that makes no
+/// progress for the stall timeout now drops its connection.
+#[test]
+fn clients_that_stop_reading_lose_their_places() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        d.path(),
+        &[("CLOUDLET_WRITE_STALL_TIMEOUT_MS", "1000")],
+        None,
+    );
+    let big = vec![0x42_u8; 32 << 20];
+    let mut c = connect_from(NEIGHBOUR, s.addr);
+    write!(
+        c,
+        "PUT /files/big.bin HTTP/1.1\r\nHost: cloudlet\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        s.token,
+        big.len()
+    )
+    .unwrap();
+    c.write_all(&big).unwrap();
+    let mut head = String::new();
+    c.read_to_string(&mut head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+    // One host fills its share of places with readers that never read.
+    let stuck: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut k = connect_from(Ipv4Addr::new(127, 0, 0, 3), s.addr);
+            write!(
+                k,
+                "GET /files/big.bin HTTP/1.1\r\nHost: cloudlet\r\nAuthorization: Bearer {}\r\n\r\n",
+                s.token
+            )
+            .unwrap();
+            k
+        })
+        .collect();
+    // Once their writes have stalled past the limit, that host is served
+    // again (until then its new connections are closed unanswered).
+    let health = || -> Option<u16> {
+        let mut k = connect_from(Ipv4Addr::new(127, 0, 0, 3), s.addr);
+        k.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        k.write_all(b"GET /health HTTP/1.1\r\nHost: cloudlet\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        read_head(&mut BufReader::new(k))
+            .ok()
+            .map(|(status, _)| status)
+    };
+    wait_until("a place for the stuck host", || health() == Some(200));
+    drop(stuck);
+}

@@ -16,6 +16,7 @@ mod body;
 mod conn_limit;
 mod limits;
 pub mod router;
+pub mod stall;
 
 pub use body::{BodyError, IdleTimeout, RequestBody};
 pub use limits::{
@@ -218,7 +219,10 @@ where
     let mut http = hyper::server::conn::http1::Builder::new();
     // Without a timer hyper enforces no timeout at all.
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // A request head over 64 KiB is refused (431), not buffered: 512
+        // connections of unfinished 400 KB heads held 200 MB.
+        .max_buf_size(64 << 10);
     let graceful = GracefulShutdown::new();
     let tasks = TaskTracker::new();
     // Cancelled when the grace period is over: ends the connections left.
@@ -269,6 +273,7 @@ where
             let req = req.map(|b| IdleTimeout::new(b, body_idle_timeout));
             async move { Ok::<_, Infallible>(h(req).await) }
         });
+        let stream = stall::WriteStall::new(stream, limits.write_stall_timeout);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
         let cut = cut.clone();
         tasks.spawn(async move {
@@ -446,6 +451,7 @@ mod tests {
             max_connections_per_ip: 1000,
             header_read_timeout: LONG,
             body_idle_timeout: LONG,
+            write_stall_timeout: LONG,
         }
     }
 

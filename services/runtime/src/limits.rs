@@ -25,6 +25,9 @@ pub struct Limits {
     /// for it before reading it fails ([`crate::BodyError::Idle`]), so a
     /// stalled upload stops holding its temporary file and memory.
     pub body_idle_timeout: Duration,
+    /// How long a response write may make no progress (the client stopped
+    /// reading) before the connection is dropped ([`crate::stall`]).
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -34,6 +37,7 @@ impl Default for Limits {
             max_connections_per_ip: 64,
             header_read_timeout: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -42,6 +46,8 @@ impl Default for Limits {
 pub const HEADER_TIMEOUT_VAR: &str = "CLOUDLET_HEADER_TIMEOUT_MS";
 /// Environment variable overriding [`Limits::body_idle_timeout`], in milliseconds.
 pub const BODY_IDLE_TIMEOUT_VAR: &str = "CLOUDLET_BODY_IDLE_TIMEOUT_MS";
+/// Environment variable overriding [`Limits::write_stall_timeout`], in milliseconds.
+pub const WRITE_STALL_TIMEOUT_VAR: &str = "CLOUDLET_WRITE_STALL_TIMEOUT_MS";
 
 /// Why the limits in the environment were refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -83,6 +89,9 @@ impl Limits {
         }
         if let Some(d) = millis(BODY_IDLE_TIMEOUT_VAR)? {
             limits.body_idle_timeout = d;
+        }
+        if let Some(d) = millis(WRITE_STALL_TIMEOUT_VAR)? {
+            limits.write_stall_timeout = d;
         }
         Ok(limits)
     }
