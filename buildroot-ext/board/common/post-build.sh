@@ -18,7 +18,7 @@ done
 
 # The key that signs this build's update bundle: its public half goes into
 # the root filesystem, so the box trusts bundles signed with it.
-key_opt="$(sed -n 's/^BR2_PACKAGE_CLOUDLET_SIGNING_KEY="\(.*\)"$/\1/p' "$BR2_CONFIG")"
+key_opt="$("$(dirname "$0")/signing-key.sh")"
 [ -z "$key_opt" ] || export CLOUDLET_SIGNING_KEY="$key_opt"
 CLOUDLET_BUNDLE_TOOL="$HOST_DIR/bin/cloudlet-bundle" \
   "$BR2_EXTERNAL_CLOUDLET_PATH/../image/bundle.sh" key "$BASE_DIR/cloudlet-keys" "$TARGET" >/dev/null

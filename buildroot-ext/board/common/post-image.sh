@@ -32,7 +32,7 @@ fi
 echo "Cloudlet image: $img"
 
 # The signed update bundle of this build (kernel, initramfs, root filesystem).
-key_opt="$(sed -n 's/^BR2_PACKAGE_CLOUDLET_SIGNING_KEY="\(.*\)"$/\1/p' "$BR2_CONFIG")"
+key_opt="$("$(dirname "$0")/signing-key.sh")"
 [ -z "$key_opt" ] || export CLOUDLET_SIGNING_KEY="$key_opt"
 export CLOUDLET_BUNDLE_TOOL="$HOST_DIR/bin/cloudlet-bundle"
 key="$("$IMAGE_DIR/bundle.sh" key "$BASE_DIR/cloudlet-keys")"
