@@ -4,10 +4,12 @@
 //! attack comes from 127.0.0.1; the clients that must still be served come
 //! from other loopback addresses, as other hosts on the LAN would.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,51 +33,13 @@ impl Server {
     /// environment `env`, and at most `open_files` descriptors to start
     /// with (a box's default is 1024; the service is to raise it itself).
     fn start(data: &Path, env: &[(&str, &str)], open_files: Option<u64>) -> Server {
-        let mut cmd = match open_files {
-            // A shell lowers the limit, then becomes the service (same pid).
-            Some(n) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!("ulimit -Sn {n} && exec \"$0\" \"$@\""))
-                    .arg(env!("CARGO_BIN_EXE_cloudletd"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_cloudletd")),
-        };
-        let mut child = cmd
-            .args(["storage", "--listen", "127.0.0.1:0"])
-            .env("CLOUDLET_DATA", data)
-            .envs(env.iter().copied())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cloudletd storage");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(a) = line.split("addr=").nth(1) {
-                    let _ = tx.send(a.trim().to_owned());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(GUARD)
-            .expect("the service says where it listens")
-            .parse()
-            .unwrap();
-        let token = std::fs::read_to_string(data.join("storage/access-token"))
-            .unwrap()
-            .trim()
-            .to_owned();
+        let s = common::spawn("storage", data, env, open_files);
         Server {
-            child,
-            addr,
-            token,
+            child: s.child,
+            addr: s.addr,
+            token: s.token,
             data: data.to_owned(),
-            log,
+            log: s.log,
         }
     }
 

@@ -2,10 +2,11 @@
 //! process on loopback, driven over HTTP by our own small client, by the
 //! litmus WebDAV suite and by rclone, and killed with SIGKILL mid-upload.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use cloudlet_testkit::http::{request, Body, Response};
@@ -21,34 +22,11 @@ struct Server {
 impl Server {
     /// Starts the service on a free port with its state under `data`.
     fn start(data: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-            .args(["storage", "--listen", "127.0.0.1:0"])
-            .env("CLOUDLET_DATA", data)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cloudletd storage");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(a) = line.split("addr=").nth(1) {
-                    let _ = tx.send(a.trim().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the service says where it listens")
-            .parse()
-            .unwrap();
-        let token = std::fs::read_to_string(data.join("storage/access-token"))
-            .unwrap()
-            .trim()
-            .to_owned();
+        let s = common::spawn("storage", data, &[], None);
         Server {
-            child,
-            addr,
-            token,
+            child: s.child,
+            addr: s.addr,
+            token: s.token,
             data: data.to_owned(),
         }
     }
