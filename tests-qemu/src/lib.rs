@@ -211,8 +211,9 @@ pub struct Vm {
     cursor: usize,
     /// Lines from the LED panel, with when they arrived.
     leds: Arc<Mutex<Vec<(Duration, String)>>>,
-    /// Each service's credential, read from the box once (its access token).
-    tokens: BTreeMap<String, String>,
+    /// The token of a device the tests paired on the box (as root, with
+    /// `cloudletd sharing add-device`), once asked for.
+    token: Option<String>,
 }
 
 impl Drop for Vm {
@@ -355,7 +356,7 @@ impl Vm {
             marker: 0,
             cursor: 0,
             leds: Arc::new(Mutex::new(Vec::new())),
-            tokens: BTreeMap::new(),
+            token: None,
         };
         vm.connect_qmp(&qmp_path)?;
         vm.connect_leds(&led_path)?;
@@ -588,35 +589,38 @@ impl Vm {
         self.http_get_auth(service, path, None)
     }
 
-    /// A service's credential: its access token, read on the box as root
-    /// (as the README tells a person to), kept until it stops working.
-    pub fn token(&mut self, service: &str) -> Result<String> {
-        if let Some(t) = self.tokens.get(service) {
+    /// The credential of a device paired on the box by root on the console
+    /// (`cloudletd sharing add-device`, as the README tells a person with
+    /// the box in hand), kept until it stops working.
+    pub fn token(&mut self) -> Result<String> {
+        if let Some(t) = &self.token {
             return Ok(t.clone());
         }
-        let t = self
-            .sh(&format!("cat /data/{service}/access-token"))?
-            .trim()
-            .to_owned();
+        let out = self.sh("cloudletd sharing add-device qemu-tests owner")?;
+        let t = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("token "))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("add-device printed no token: {out:?}"))?;
         if t.len() != 64 {
-            bail!("no access token for {service}: {t:?}");
+            bail!("not a token: {t:?}");
         }
-        self.tokens.insert(service.to_owned(), t.clone());
+        self.token = Some(t.clone());
         Ok(t)
     }
 
-    /// [`Vm::http_get`] with the service's credential (read again if the
-    /// box made a new one, as after a factory reset).
+    /// [`Vm::http_get`] with a paired device's credential (paired again if
+    /// the box forgot it, as after a factory reset).
     pub fn http_get_private(&mut self, service: &str, path: &str) -> Result<(u16, String)> {
         for _ in 0..2 {
-            let auth = format!("Bearer {}", self.token(service)?);
+            let auth = format!("Bearer {}", self.token()?);
             let (code, body) = self.http_get_auth(service, path, Some(&auth))?;
             if code != 401 {
                 return Ok((code, body));
             }
-            self.tokens.remove(service);
+            self.token = None;
         }
-        bail!("{service} refuses its own access token for {path}")
+        bail!("{service} refuses a device paired on the box for {path}")
     }
 
     /// [`Vm::http_get`] with an `Authorization` header.

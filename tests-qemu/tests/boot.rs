@@ -63,18 +63,25 @@ fn boots_and_every_service_reports_ready() -> Result<()> {
     let (_, v) = vm.http_get_private("updater", "/api/version")?;
     assert!(v.contains(r#""slot":"A""#), "{v}");
 
-    // Step: storage serves nothing without the box's access token (made at first boot).
+    // Step: storage serves nothing without a paired device's credential;
+    // a device root pairs on the box gets in; the registry is private.
     let (code, _) = vm.http_get("storage", "/")?;
     assert_eq!(code, 401);
     let (code, _) = vm.http_get_auth("storage", "/", Some("Bearer 0000"))?;
     assert_eq!(code, 401);
-    let token = vm.sh("cat /data/storage/access-token")?;
-    let (code, body) =
-        vm.http_get_auth("storage", "/", Some(&format!("Bearer {}", token.trim())))?;
+    let token = vm.token()?;
+    let (code, body) = vm.http_get_auth("storage", "/", Some(&format!("Bearer {token}")))?;
     assert_eq!(code, 200, "{body}");
     assert_eq!(
-        vm.sh("stat -c %a /data/storage/access-token")?.trim(),
-        "600"
+        vm.sh("stat -c %a:%U /data/sharing/registry.redb")?.trim(),
+        "600:sharing"
+    );
+    // A service user may ask the registry but not change it.
+    let refused = vm
+        .sh("busybox su -s /bin/sh storage -c 'cloudletd sharing add-device x' 2>&1; echo rc=$?")?;
+    assert!(
+        refused.contains("only root") && refused.contains("rc=1"),
+        "{refused}"
     );
 
     // Step: the healthy boot was committed (tries back to 3 in the boot state).

@@ -10,8 +10,7 @@ use cloudlet_testkit::Rng;
 use cloudlet_tests_qemu::{scaled, BootOptions, Disk, Vm};
 
 fn storage(vm: &mut Vm) -> Result<(SocketAddr, String)> {
-    let token = vm.sh("cat /data/storage/access-token")?.trim().to_owned();
-    anyhow::ensure!(token.len() == 64, "token {token:?}");
+    let token = vm.token()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], vm.ports["storage"]));
     Ok((addr, format!("Bearer {token}")))
 }

@@ -1,4 +1,9 @@
 //! `cloudletd <service> [--listen ADDR] [--state-dir DIR]`: runs one service.
+//!
+//! `cloudletd sharing add-device NAME [owner|device]`, `cloudletd sharing
+//! revoke ID` and `cloudletd sharing devices`: root on the box (or the user
+//! who runs a host run) changes the device registry of the running sharing
+//! service directly, over the bus, as anyone holding the box could.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +12,10 @@ use std::process::ExitCode;
 use cloudlet_runtime::ServiceOptions;
 
 const USAGE: &str =
-    "usage: cloudletd <storage|sync|sharing|updater> [--listen ADDR:PORT] [--state-dir DIR]";
+    "usage: cloudletd <storage|sync|sharing|updater> [--listen ADDR:PORT] [--state-dir DIR]
+       cloudletd sharing add-device NAME [owner|device]   (prints the device's id and token)
+       cloudletd sharing revoke ID
+       cloudletd sharing devices";
 
 /// Default port of each service on the box.
 fn default_port(service: &str) -> Option<u16> {
@@ -45,7 +53,62 @@ fn parse() -> Result<(String, ServiceOptions), String> {
     Ok((service, opts))
 }
 
+/// The owner commands: `add-device`, `revoke`, `devices` (see the crate docs).
+fn owner_command(args: &[String]) -> Result<String, String> {
+    use cloudlet_runtime::registry::{call, connect, socket_path};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let socket = socket_path();
+        let conn = connect(&socket).await.map_err(|e| {
+            format!(
+                "cannot reach the device registry at {} ({e}): is the sharing service running?",
+                socket.display()
+            )
+        })?;
+        let fail = |e: zbus::Error| match e {
+            zbus::Error::MethodError(_, Some(m), _) => m,
+            e => e.to_string(),
+        };
+        match args {
+            [cmd, name] if cmd == "add-device" => add(&conn, name, "device").await.map_err(fail),
+            [cmd, name, role] if cmd == "add-device" => add(&conn, name, role).await.map_err(fail),
+            [cmd, id] if cmd == "revoke" => call::<_, ()>(&conn, "Revoke", &(id.as_str(),))
+                .await
+                .map(|()| format!("revoked {id}"))
+                .map_err(fail),
+            [cmd] if cmd == "devices" => call::<_, String>(&conn, "List", &()).await.map_err(fail),
+            _ => Err(USAGE.to_owned()),
+        }
+    })
+}
+
+async fn add(conn: &zbus::Connection, name: &str, role: &str) -> zbus::Result<String> {
+    let (id, token): (String, String) =
+        cloudlet_runtime::registry::call(conn, "AddDevice", &(name, role)).await?;
+    Ok(format!("device {id}\ntoken {token}"))
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "sharing")
+        && args
+            .get(1)
+            .is_some_and(|a| matches!(a.as_str(), "add-device" | "revoke" | "devices"))
+    {
+        return match owner_command(args.get(1..).unwrap_or_default()) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cloudletd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (service, opts) = match parse() {
         Ok(p) => p,
         Err(e) => {

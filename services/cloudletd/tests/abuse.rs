@@ -23,6 +23,8 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     token: String,
+    /// The device registry the service asks (stopped with the last user).
+    _registry: std::sync::Arc<common::Registry>,
     data: PathBuf,
     /// Every line the service logged so far.
     log: Arc<Mutex<Vec<String>>>,
@@ -38,6 +40,7 @@ impl Server {
             child: s.child,
             addr: s.addr,
             token: s.token,
+            _registry: s.registry,
             data: data.to_owned(),
             log: s.log,
         }

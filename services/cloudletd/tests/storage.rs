@@ -16,6 +16,8 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     token: String,
+    /// The device registry the service asks (stopped with the last user).
+    _registry: std::sync::Arc<common::Registry>,
     data: PathBuf,
 }
 
@@ -27,6 +29,7 @@ impl Server {
             child: s.child,
             addr: s.addr,
             token: s.token,
+            _registry: s.registry,
             data: data.to_owned(),
         }
     }

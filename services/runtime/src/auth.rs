@@ -1,14 +1,16 @@
-//! Who may use a service. Every request but `/health` must carry a
-//! credential; the one credential so far is the box's access token, made at
-//! first boot and readable on the box (root only). Pairing replaces it behind
-//! the same [`Authenticator`] trait, without touching request handlers.
+//! Who may use a service. Every request but the public routes (`/health`)
+//! must carry a credential of a paired device ([`Authenticator`]): on the box
+//! the device registry decides ([`crate::registry::RegistryAuth`], over the
+//! bus); tests may use a fixed one ([`TokenAuth`]).
 //!
-//! The token is 256 random bits, hex. Clients send it as a bearer token or as
-//! the password of HTTP Basic (any user name), which every WebDAV client can.
+//! A request presents what it has ([`Presented`]): a token, as a bearer
+//! token or as the password of HTTP Basic (any user name, which every WebDAV
+//! and CouchDB client can send), and over mutual TLS the hash of the key the
+//! connection proved ([`PeerKey`], put in the request's extensions by the
+//! server loop).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::future::Future;
+use std::pin::Pin;
 
 use base64::Engine;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -16,10 +18,89 @@ use hyper::StatusCode;
 
 use crate::{text, Body};
 
-/// Decides whether a request's headers carry a valid credential.
+/// Who a request comes from, once let in: a device of the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The registry's id of the device.
+    pub device: String,
+    pub name: String,
+    /// `owner`, `device` or `box`.
+    pub role: String,
+}
+
+impl Identity {
+    pub fn is_owner(&self) -> bool {
+        self.role == "owner"
+    }
+}
+
+/// The SHA-256 (hex) of the public key a client proved over mutual TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerKey(pub String);
+
+/// What a request offers as its credential.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presented {
+    /// A token from `Authorization` (bearer, or Basic's password).
+    pub token: Option<String>,
+    /// The hash of the client's TLS key.
+    pub key: Option<String>,
+    /// `Authorization` was there but could not be read.
+    pub malformed: bool,
+}
+
+impl Presented {
+    /// Reads the credential of a request from its headers and extensions.
+    pub fn from_request<B>(req: &hyper::Request<B>) -> Presented {
+        let mut p = Presented::from_headers(req.headers());
+        p.key = req.extensions().get::<PeerKey>().map(|k| k.0.clone());
+        p
+    }
+
+    /// The token of an `Authorization` header, if any.
+    pub fn from_headers(headers: &HeaderMap) -> Presented {
+        let Some(value) = headers.get(AUTHORIZATION) else {
+            return Presented::default();
+        };
+        match token_of(value) {
+            Some(t) => Presented {
+                token: Some(t),
+                ..Presented::default()
+            },
+            None => Presented {
+                malformed: true,
+                ..Presented::default()
+            },
+        }
+    }
+}
+
+/// The token in an `Authorization` value. No trimming: a credential with
+/// stray whitespace is not the credential, whichever scheme carries it.
+fn token_of(value: &HeaderValue) -> Option<String> {
+    let value = value.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    match scheme.to_ascii_lowercase().as_str() {
+        "bearer" => Some(rest.to_owned()),
+        "basic" => {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .ok()?;
+            let text = String::from_utf8(raw).ok()?;
+            let (_user, pass) = text.split_once(':')?;
+            Some(pass.to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// What [`Authenticator::check`] returns.
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<Identity, AuthError>> + Send + 'a>>;
+
+/// Decides whether a request's credential belongs to a paired device.
 pub trait Authenticator: Send + Sync + 'static {
-    /// `Ok(name)` of who is asking, or why not.
-    fn check(&self, headers: &HeaderMap) -> Result<String, AuthError>;
+    /// Who is asking, or why they may not.
+    fn check(&self, presented: Presented) -> CheckFuture<'_>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,10 +111,24 @@ pub enum AuthError {
     /// the credential is not valid
     #[error("invalid credential")]
     Invalid,
+    /// nobody can say now whether it is (the registry is not reachable)
+    #[error("the device registry is not reachable; try again")]
+    Unavailable,
 }
 
-/// The 401 answer, asking for Basic credentials.
+/// The answer for a refused credential: 401 asking for Basic credentials,
+/// or 503 when the registry could not be asked.
 pub fn unauthorized(e: &AuthError) -> hyper::Response<Body> {
+    if *e == AuthError::Unavailable {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            format!("{e}\n"),
+        );
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
     let mut r = text(
         StatusCode::UNAUTHORIZED,
         "text/plain; charset=utf-8",
@@ -46,15 +141,16 @@ pub fn unauthorized(e: &AuthError) -> hyper::Response<Body> {
     r
 }
 
-/// The box's access token.
-pub struct TokenAuth {
-    token: String,
-}
-
-fn equal(a: &[u8], b: &[u8]) -> bool {
-    // Constant time in the token's length: no early exit on the first difference.
+/// Constant time in the length: no early exit on the first difference.
+pub fn equal(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
+}
+
+/// One fixed token, for tests and tools that embed a service: it lets in
+/// one device named "token" with the owner role.
+pub struct TokenAuth {
+    token: String,
 }
 
 impl TokenAuth {
@@ -64,60 +160,24 @@ impl TokenAuth {
         }
     }
 
-    /// Reads the token at `path`, or makes one (mode 0600, written durably).
-    pub fn load_or_create(path: &Path) -> std::io::Result<TokenAuth> {
-        if let Ok(t) = std::fs::read_to_string(path) {
-            let t = t.trim();
-            if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Ok(TokenAuth::new(t));
-            }
+    fn decide(&self, p: &Presented) -> Result<Identity, AuthError> {
+        match &p.token {
+            Some(t) if equal(t.as_bytes(), self.token.as_bytes()) => Ok(Identity {
+                device: "token".into(),
+                name: "token".into(),
+                role: "owner".into(),
+            }),
+            Some(_) => Err(AuthError::Invalid),
+            None if p.malformed => Err(AuthError::Invalid),
+            None => Err(AuthError::Missing),
         }
-        let mut raw = [0u8; 32];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
-        let token = hex::encode(raw);
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = std::fs::File::options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(format!("{token}\n").as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(TokenAuth::new(&token))
     }
 }
 
 impl Authenticator for TokenAuth {
-    fn check(&self, headers: &HeaderMap) -> Result<String, AuthError> {
-        let value = headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
-        let value = value.to_str().map_err(|_| AuthError::Invalid)?;
-        let (scheme, rest) = value.split_once(' ').ok_or(AuthError::Invalid)?;
-        // No trimming: a credential with stray whitespace is not the
-        // credential, whichever scheme carries it.
-        let given = match scheme.to_ascii_lowercase().as_str() {
-            "bearer" => rest.to_owned(),
-            "basic" => {
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(rest)
-                    .map_err(|_| AuthError::Invalid)?;
-                let text = String::from_utf8(raw).map_err(|_| AuthError::Invalid)?;
-                let (_user, pass) = text.split_once(':').ok_or(AuthError::Invalid)?;
-                pass.to_owned()
-            }
-            _ => return Err(AuthError::Invalid),
-        };
-        if equal(given.as_bytes(), self.token.as_bytes()) {
-            Ok("token".into())
-        } else {
-            Err(AuthError::Invalid)
-        }
+    fn check(&self, presented: Presented) -> CheckFuture<'_> {
+        let r = self.decide(&presented);
+        Box::pin(async move { r })
     }
 }
 
@@ -131,54 +191,56 @@ mod tests {
         h
     }
 
+    fn check(a: &TokenAuth, h: &HeaderMap) -> Result<String, AuthError> {
+        a.decide(&Presented::from_headers(h)).map(|i| i.device)
+    }
+
     #[test]
     fn bearer_and_basic_with_the_token_pass_nothing_else_does() {
         let a = TokenAuth::new("00ff");
-        assert_eq!(a.check(&headers("Bearer 00ff")), Ok("token".into()));
+        assert_eq!(check(&a, &headers("Bearer 00ff")), Ok("token".into()));
         let basic = base64::engine::general_purpose::STANDARD.encode("anyone:00ff");
-        assert!(a.check(&headers(&format!("Basic {basic}"))).is_ok());
-        assert_eq!(a.check(&HeaderMap::new()), Err(AuthError::Missing));
-        assert_eq!(a.check(&headers("Bearer 00fe")), Err(AuthError::Invalid));
-        assert_eq!(a.check(&headers("Bearer 00ff0")), Err(AuthError::Invalid));
-        assert_eq!(a.check(&headers("Basic !!!")), Err(AuthError::Invalid));
+        assert!(check(&a, &headers(&format!("Basic {basic}"))).is_ok());
+        assert_eq!(check(&a, &HeaderMap::new()), Err(AuthError::Missing));
+        assert_eq!(check(&a, &headers("Bearer 00fe")), Err(AuthError::Invalid));
+        assert_eq!(check(&a, &headers("Bearer 00ff0")), Err(AuthError::Invalid));
+        assert_eq!(check(&a, &headers("Basic !!!")), Err(AuthError::Invalid));
         let nopass = base64::engine::general_purpose::STANDARD.encode("anyone");
         assert_eq!(
-            a.check(&headers(&format!("Basic {nopass}"))),
+            check(&a, &headers(&format!("Basic {nopass}"))),
             Err(AuthError::Invalid)
         );
-        assert_eq!(a.check(&headers("Digest x")), Err(AuthError::Invalid));
+        assert_eq!(check(&a, &headers("Digest x")), Err(AuthError::Invalid));
         // Stray whitespace is refused the same way under both schemes.
-        assert_eq!(a.check(&headers("Bearer 00ff\t")), Err(AuthError::Invalid));
-        assert_eq!(a.check(&headers("Bearer  00ff")), Err(AuthError::Invalid));
+        assert_eq!(
+            check(&a, &headers("Bearer 00ff\t")),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(check(&a, &headers("Bearer  00ff")), Err(AuthError::Invalid));
         let spaced = base64::engine::general_purpose::STANDARD.encode("anyone:00ff ");
         assert_eq!(
-            a.check(&headers(&format!("Basic {spaced}"))),
+            check(&a, &headers(&format!("Basic {spaced}"))),
             Err(AuthError::Invalid)
         );
         assert_eq!(
             unauthorized(&AuthError::Missing).status(),
             StatusCode::UNAUTHORIZED
         );
+        assert_eq!(
+            unauthorized(&AuthError::Unavailable).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[test]
-    fn the_token_is_made_once_private_and_kept() {
-        use std::os::unix::fs::PermissionsExt;
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("access-token");
-        let a = TokenAuth::load_or_create(&p).unwrap();
-        let text = std::fs::read_to_string(&p).unwrap();
-        assert_eq!(text.trim().len(), 64);
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let b = TokenAuth::load_or_create(&p).unwrap();
-        assert_eq!(a.token, b.token);
-        // A damaged file is replaced, not trusted.
-        std::fs::write(&p, "short").unwrap();
-        let c = TokenAuth::load_or_create(&p).unwrap();
-        assert_ne!(c.token, "short");
-        assert_eq!(c.token.len(), 64);
+    fn the_key_a_connection_proved_is_presented_with_the_headers() {
+        let mut req = hyper::Request::new(());
+        req.headers_mut()
+            .insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        req.extensions_mut().insert(PeerKey("ab".into()));
+        let p = Presented::from_request(&req);
+        assert_eq!(p.token.as_deref(), Some("t"));
+        assert_eq!(p.key.as_deref(), Some("ab"));
+        assert!(!p.malformed);
     }
 }

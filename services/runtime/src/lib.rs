@@ -15,6 +15,7 @@ pub mod auth;
 mod body;
 mod conn_limit;
 mod limits;
+pub mod registry;
 pub mod router;
 pub mod stall;
 
@@ -89,6 +90,14 @@ fn write_ready(fd: &str) -> std::io::Result<()> {
     // process uses it; the File takes ownership and closes it after the write.
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     f.write_all(b"READY\n")
+}
+
+/// `N` random bytes from the kernel (getrandom(2) through /dev/urandom's
+/// interface, which blocks only before the pool is first seeded).
+pub fn random<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut raw = [0u8; N];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
+    Ok(raw)
 }
 
 /// Logging to stderr, which init captures into the service's log buffer.
@@ -779,18 +788,15 @@ where
     .await
 }
 
-/// [`run_service`] with a [`router::Router`]: the service's credential
-/// (until pairing, an access token in its state directory, made on first
-/// start, 0600) guards every route but the public ones `routes` declares.
+/// [`run_service`] with a [`router::Router`]: the device registry (over the
+/// bus, [`registry::RegistryAuth`]) guards every route but the public ones
+/// `routes` declares.
 pub async fn run_routed(
     opts: ServiceOptions,
     routes: impl FnOnce(std::sync::Arc<dyn auth::Authenticator>) -> router::Router,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(&opts.state_dir)?;
-    let auth: std::sync::Arc<dyn auth::Authenticator> = std::sync::Arc::new(
-        auth::TokenAuth::load_or_create(&opts.state_dir.join("access-token"))?,
-    );
-    let router = std::sync::Arc::new(routes(auth));
+    let auth = registry::RegistryAuth::start_and_wait(registry::socket_path()).await;
+    let router = std::sync::Arc::new(routes(std::sync::Arc::new(auth)));
     run_service(opts, move |req| {
         let router = router.clone();
         async move { router.handle(req).await }

@@ -25,7 +25,7 @@ use hyper::body::Bytes;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::auth::{unauthorized, Authenticator};
+use crate::auth::{unauthorized, Authenticator, Presented};
 
 /// Largest request body a route takes unless it says otherwise.
 pub const DEFAULT_BODY_LIMIT: u64 = 64 << 10;
@@ -251,9 +251,14 @@ impl Router {
         };
         let chosen = found.iter().find(|(r, _)| same(r));
         let public = chosen.is_some_and(|(r, _)| r.public);
+        let mut req = req;
         if !public {
-            if let Err(e) = self.auth.check(req.headers()) {
-                return boxed(unauthorized(&e));
+            match self.auth.check(Presented::from_request(&req)).await {
+                // Handlers that act on who asks (an owner's requests) read it here.
+                Ok(who) => {
+                    req.extensions_mut().insert(who);
+                }
+                Err(e) => return boxed(unauthorized(&e)),
             }
         }
         let Some((route, params)) = chosen else {

@@ -1,14 +1,28 @@
-//! The sharing service, which also serves the box's web UI. This first cut
-//! shows the box's status page (from init's control socket) and `/api/status`;
-//! pairing and share links arrive with the sharing issue.
+//! The sharing service: devices and people. It keeps the device registry
+//! ([`registry`]) and serves it to the other services on the bus ([`bus`]);
+//! it serves the box's web UI (the status page, `/api/status`) and the
+//! owner's device list (`/api/devices`). Share links arrive with the
+//! sharing issue.
+
+pub mod bus;
+pub mod registry;
 
 use cloudlet_proto::control::{self, ClockSource, Request, Response, Status};
-use cloudlet_runtime::auth::Authenticator;
-use cloudlet_runtime::router::Router;
+use cloudlet_runtime::auth::{AuthError, Authenticator, CheckFuture, Identity, Presented};
+use cloudlet_runtime::router::{Params, RoutedBody, Router};
 use cloudlet_runtime::{health, json, text, Body, ServiceOptions};
 use hyper::{Method, StatusCode};
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use registry::{Registry, RegistryError};
+
+/// Seconds since the Unix epoch by the box's clock (0 if it is before 1970).
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 pub const NAME: &str = "sharing";
 
@@ -134,18 +148,210 @@ async fn status_json() -> hyper::Response<Body> {
     }
 }
 
-/// The service's routes: `/health` is public; the status page and its JSON
-/// need the credential (they tell who the box is and what runs on it).
-pub fn routes(auth: Arc<dyn Authenticator>) -> Router {
-    Router::new(auth)
+/// The registry itself as the sharing service's [`Authenticator`]: it asks
+/// its own database, no bus in between.
+pub struct LocalAuth(pub Arc<Registry>);
+
+impl Authenticator for LocalAuth {
+    fn check(&self, p: Presented) -> CheckFuture<'_> {
+        let registry = self.0.clone();
+        Box::pin(async move {
+            let (kind, hash) = match (&p.key, &p.token) {
+                (Some(k), _) => ("key", k.clone()),
+                (None, Some(t)) => ("token", registry::token_hash(t)),
+                (None, None) if p.malformed => return Err(AuthError::Invalid),
+                (None, None) => return Err(AuthError::Missing),
+            };
+            let found = tokio::task::spawn_blocking(move || {
+                let d = registry.lookup(kind, &hash)?;
+                if let Some(d) = &d {
+                    registry.seen(&d.id, now())?;
+                }
+                Ok::<_, RegistryError>(d)
+            })
+            .await;
+            match found {
+                Ok(Ok(Some(d))) => Ok(Identity {
+                    device: d.id,
+                    name: d.name,
+                    role: d.role.as_str().to_owned(),
+                }),
+                Ok(Ok(None)) => Err(AuthError::Invalid),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "registry");
+                    Err(AuthError::Unavailable)
+                }
+                Err(_) => Err(AuthError::Unavailable),
+            }
+        })
+    }
+}
+
+/// The registry and who to tell when it changes.
+#[derive(Clone)]
+pub struct Devices {
+    pub registry: Arc<Registry>,
+    pub notifier: Arc<bus::Notifier>,
+}
+
+fn who(req: &hyper::Request<RoutedBody>) -> Option<&Identity> {
+    req.extensions().get::<Identity>()
+}
+
+fn registry_error(e: RegistryError) -> hyper::Response<Body> {
+    let status = match e {
+        RegistryError::NoSuchDevice(_) => StatusCode::NOT_FOUND,
+        RegistryError::LastOwner | RegistryError::KeyTaken(_) | RegistryError::Full => {
+            StatusCode::CONFLICT
+        }
+        RegistryError::BadName => StatusCode::BAD_REQUEST,
+        _ => {
+            tracing::error!(error = %e, "registry");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    json(status, &serde_json::json!({"error": e.to_string()}))
+}
+
+fn owners_only() -> hyper::Response<Body> {
+    json(
+        StatusCode::FORBIDDEN,
+        &serde_json::json!({"error": "only an owner device may do this"}),
+    )
+}
+
+impl Devices {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let r = self.registry.clone();
+        tokio::task::spawn_blocking(move || f(&r))
+            .await
+            .map_err(|e| RegistryError::Random(std::io::Error::other(e)))?
+    }
+
+    async fn list(&self, req: hyper::Request<RoutedBody>) -> hyper::Response<Body> {
+        let me = who(&req).map(|i| i.device.clone()).unwrap_or_default();
+        match self.blocking(|r| r.list()).await {
+            Ok(all) => json(
+                StatusCode::OK,
+                &serde_json::json!({"you": me, "devices": all}),
+            ),
+            Err(e) => registry_error(e),
+        }
+    }
+
+    async fn revoke(&self, req: hyper::Request<RoutedBody>, p: Params) -> hyper::Response<Body> {
+        let Some(me) = who(&req).cloned() else {
+            return owners_only();
+        };
+        let id = p.get("id").unwrap_or_default().to_owned();
+        // An owner revokes anyone; any device may revoke itself.
+        if !me.is_owner() && me.device != id {
+            return owners_only();
+        }
+        match self.blocking(move |r| r.remove(&id)).await {
+            Ok(gone) => {
+                tracing::info!(device = %gone.id, name = %gone.name, by = %me.device, "device revoked");
+                self.notifier.changed(&gone.id).await;
+                json(StatusCode::OK, &serde_json::json!({"revoked": gone}))
+            }
+            Err(e) => registry_error(e),
+        }
+    }
+
+    async fn rename(&self, req: hyper::Request<RoutedBody>, p: Params) -> hyper::Response<Body> {
+        use http_body_util::BodyExt;
+        let Some(me) = who(&req).cloned() else {
+            return owners_only();
+        };
+        let id = p.get("id").unwrap_or_default().to_owned();
+        if !me.is_owner() && me.device != id {
+            return owners_only();
+        }
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": e.to_string()}),
+                )
+            }
+        };
+        let name = match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v) => v.get("name").and_then(|n| n.as_str()).map(str::to_owned),
+            Err(_) => None,
+        };
+        let Some(name) = name else {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": "send {\"name\": \"new name\"}"}),
+            );
+        };
+        match self.blocking(move |r| r.rename(&id, &name)).await {
+            Ok(d) => {
+                self.notifier.changed(&d.id).await;
+                json(StatusCode::OK, &d)
+            }
+            Err(e) => registry_error(e),
+        }
+    }
+}
+
+/// The service's routes: `/health` is public; the status page, its JSON and
+/// the device list need a paired device (they tell who the box is, what
+/// runs on it and who may reach it).
+pub fn routes(auth: Arc<dyn Authenticator>, devices: Option<Devices>) -> Router {
+    let r = Router::new(auth)
         // Public: init and monitoring check liveness without a credential.
         .public(Method::GET, "/health", |_, _| async { health(NAME) })
         .route(Method::GET, "/", |_, _| status_page())
-        .route(Method::GET, "/api/status", |_, _| status_json())
+        .route(Method::GET, "/api/status", |_, _| status_json());
+    let Some(d) = devices else { return r };
+    let (list, revoke, rename) = (d.clone(), d.clone(), d);
+    r.route(Method::GET, "/api/devices", move |req, _| {
+        let d = list.clone();
+        async move { d.list(req).await }
+    })
+    .route(Method::DELETE, "/api/devices/{id}", move |req, p| {
+        let d = revoke.clone();
+        async move { d.revoke(req, p).await }
+    })
+    .route(Method::PUT, "/api/devices/{id}/name", move |req, p| {
+        let d = rename.clone();
+        async move { d.rename(req, p).await }
+    })
 }
 
+/// Runs the service: the registry in its state directory, on the bus at
+/// `$CLOUDLET_REGISTRY_SOCKET` (default [`cloudlet_runtime::registry::DEFAULT_SOCKET`]),
+/// and the web UI.
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
-    cloudlet_runtime::run_routed(opts, routes).await
+    cloudlet_runtime::check_state_dir(&opts.state_dir)?;
+    let dir = opts.state_dir.clone();
+    let registry = tokio::task::spawn_blocking(move || Registry::open(&dir))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
+    let registry = Arc::new(registry);
+    let notifier = Arc::new(bus::Notifier::default());
+    let socket = cloudlet_runtime::registry::socket_path();
+    // Bound before the service reports ready: the others find it there.
+    let listener = bus::bind(&socket)?;
+    tokio::spawn(bus::serve(
+        listener,
+        socket,
+        registry.clone(),
+        notifier.clone(),
+    ));
+    let auth: Arc<dyn Authenticator> = Arc::new(LocalAuth(registry.clone()));
+    let router = Arc::new(routes(auth, Some(Devices { registry, notifier })));
+    cloudlet_runtime::run_service(opts, move |req| {
+        let router = router.clone();
+        async move { router.handle(req).await }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ pub mod store;
 use std::future::Future;
 use std::sync::Arc;
 
-use cloudlet_runtime::auth::{Authenticator, TokenAuth};
+use cloudlet_runtime::auth::Authenticator;
 use cloudlet_runtime::router::{AnyBody, Params, RoutedBody, Router};
 use cloudlet_runtime::{health, ServiceOptions};
 use http_body_util::BodyExt;
@@ -267,9 +267,12 @@ fn reshape(r: Response<AnyBody>) -> Response<AnyBody> {
 
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
     std::fs::create_dir_all(&opts.state_dir)?;
-    let auth: Arc<dyn Authenticator> = Arc::new(TokenAuth::load_or_create(
-        &opts.state_dir.join("access-token"),
-    )?);
+    let auth: Arc<dyn Authenticator> = Arc::new(
+        cloudlet_runtime::registry::RegistryAuth::start_and_wait(
+            cloudlet_runtime::registry::socket_path(),
+        )
+        .await,
+    );
     let dir = opts.state_dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await

@@ -56,12 +56,18 @@ struct Target {
 struct Server {
     child: Child,
     t: Target,
+    /// The device registry our service asks (the sharing service).
+    registry: Option<Child>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(r) = &mut self.registry {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
     }
 }
 
@@ -108,18 +114,40 @@ fn wait_listening(addr: SocketAddr) -> Result<()> {
 }
 
 fn start_cloudlet(bin: &Path, data: &Path) -> Result<Server> {
+    // The registry first (the sharing service), and a device paired in it
+    // by the owner command, as a host run does.
+    let socket = data.join("registry.sock");
+    let sharing_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let registry = Command::new(bin)
+        .args(["sharing", "--listen", &sharing_addr.to_string()])
+        .env("CLOUDLET_DATA", data)
+        .env("CLOUDLET_REGISTRY_SOCKET", &socket)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} sharing", bin.display()))?;
+    wait_listening(sharing_addr)?;
+    let paired = Command::new(bin)
+        .args(["sharing", "add-device", "bench", "owner"])
+        .env("CLOUDLET_REGISTRY_SOCKET", &socket)
+        .output()?;
+    let token = String::from_utf8_lossy(&paired.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("token ").map(str::to_owned))
+        .with_context(|| format!("add-device: {}", String::from_utf8_lossy(&paired.stderr)))?;
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let child = Command::new(bin)
         .args(["storage", "--listen", &addr.to_string()])
         .env("CLOUDLET_DATA", data)
+        .env("CLOUDLET_REGISTRY_SOCKET", &socket)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     wait_listening(addr)?;
-    let token = std::fs::read_to_string(data.join("storage/access-token"))?;
     Ok(Server {
+        registry: Some(registry),
         child,
         t: Target {
             name: "cloudlet",
@@ -143,6 +171,7 @@ fn start_rclone(dir: &Path) -> Result<Server> {
         .context("starting rclone serve webdav (Debian package rclone)")?;
     wait_listening(addr)?;
     Ok(Server {
+        registry: None,
         child,
         t: Target {
             name: "rclone serve webdav",

@@ -1,19 +1,126 @@
 //! Starting a real `cloudletd` service for the black-box tests: on a free
-//! loopback port, its state under a temporary data directory, its log kept.
+//! loopback port, its state under a temporary data directory, its log kept,
+//! with the device registry it asks (a `cloudletd sharing` on the same data
+//! directory) and one device paired in it by the owner command.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+/// The sharing service holding the registry of one data directory, and
+/// the token of the device the tests pair in it. Stopped when the last
+/// service using it is dropped.
+pub struct Registry {
+    child: Mutex<Child>,
+    pub socket: PathBuf,
+    pub token: String,
+    /// Where the sharing service answers HTTP.
+    #[allow(dead_code)]
+    pub addr: SocketAddr,
+}
+
+impl Registry {
+    /// Runs an owner command (`cloudletd sharing ARGS...`) against this
+    /// registry; its output, or why it failed.
+    #[allow(dead_code)]
+    pub fn owner(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+            .arg("sharing")
+            .args(args)
+            .env("CLOUDLET_REGISTRY_SOCKET", &self.socket)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Stops the sharing service now (the registry goes away).
+    #[allow(dead_code)]
+    pub fn stop(&self) {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+static REGISTRIES: Mutex<Vec<(PathBuf, Weak<Registry>)>> = Mutex::new(Vec::new());
+
+/// The registry of `data`: the running one, or a new one with a device
+/// paired by `cloudletd sharing add-device`.
+pub fn registry(data: &Path) -> Arc<Registry> {
+    let mut all = REGISTRIES.lock().unwrap();
+    all.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(r) = all
+        .iter()
+        .find(|(p, _)| p == data)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return r;
+    }
+    let socket = data.join("registry.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+        .args(["sharing", "--listen", "127.0.0.1:0"])
+        .env("CLOUDLET_DATA", data)
+        .env("CLOUDLET_REGISTRY_SOCKET", &socket)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cloudletd sharing");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(a) = line.split("addr=").nth(1) {
+                let _ = tx.send(a.trim().to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the sharing service starts")
+        .parse()
+        .unwrap();
+    let mut r = Registry {
+        child: Mutex::new(child),
+        socket,
+        token: String::new(),
+        addr,
+    };
+    let text = r
+        .owner(&["add-device", "tests", "owner"])
+        .unwrap_or_else(|e| panic!("add-device: {e}"));
+    r.token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token "))
+        .expect("add-device prints a token")
+        .to_owned();
+    let r = Arc::new(r);
+    all.push((data.to_owned(), Arc::downgrade(&r)));
+    r
+}
 
 /// A running service, as a test needs it.
 pub struct Spawned {
     pub child: Child,
     pub addr: SocketAddr,
-    /// The service's access token (its credential until pairing).
+    /// The token of a device paired in the service's registry.
+    #[allow(dead_code)]
     pub token: String,
+    /// The registry the service asks; keep it as long as the service.
+    pub registry: Arc<Registry>,
     /// Every line the service logged so far (each test binary compiles this
     /// module; not every one reads the log).
     #[allow(dead_code)]
@@ -35,9 +142,11 @@ pub fn spawn(service: &str, data: &Path, env: &[(&str, &str)], open_files: Optio
         }
         None => Command::new(env!("CARGO_BIN_EXE_cloudletd")),
     };
+    let registry = registry(data);
     let mut child = cmd
         .args([service, "--listen", "127.0.0.1:0"])
         .env("CLOUDLET_DATA", data)
+        .env("CLOUDLET_REGISTRY_SOCKET", &registry.socket)
         .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
@@ -59,14 +168,11 @@ pub fn spawn(service: &str, data: &Path, env: &[(&str, &str)], open_files: Optio
         .expect("the service says where it listens")
         .parse()
         .unwrap();
-    let token = std::fs::read_to_string(data.join(service).join("access-token"))
-        .unwrap()
-        .trim()
-        .to_owned();
     Spawned {
         child,
         addr,
-        token,
+        token: registry.token.clone(),
+        registry,
         log,
     }
 }

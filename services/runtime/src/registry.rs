@@ -1,0 +1,260 @@
+//! Asking the device registry (kept by the sharing service) whether a
+//! credential belongs to a paired device, over D-Bus (zbus, peer to peer on
+//! a Unix socket: no broker to run, one connection per service).
+//!
+//! * [`RegistryAuth`] is the [`Authenticator`] every service but sharing
+//!   uses. It caches what the registry said for [`CACHE_FOR`], and drops the
+//!   whole cache on the registry's `Changed` signal (a device revoked,
+//!   renamed, added), so a revocation takes effect in every service at once,
+//!   without a restart. While the registry cannot be reached nothing is
+//!   cached and every request gets 503: a service never guesses.
+//! * The interface ([`INTERFACE`] at [`PATH`]): `Check(kind, hash) ->
+//!   (device, name, role)` with an empty device for "unknown"; `AddDevice`,
+//!   `Revoke`, `List` for root on the box (`cloudletd sharing add-device`);
+//!   the `Changed(device)` signal.
+//!
+//! Tokens never cross the bus: a service sends the token's hash
+//! ([`token_hash`]), which is how the registry keeps it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use crate::auth::{AuthError, Authenticator, CheckFuture, Identity, Presented};
+
+/// The D-Bus interface the registry serves.
+pub const INTERFACE: &str = "org.cloudlet.Registry1";
+/// The object path it serves it at.
+pub const PATH: &str = "/org/cloudlet/Registry";
+/// Where the registry listens unless `CLOUDLET_REGISTRY_SOCKET` says.
+pub const DEFAULT_SOCKET: &str = "/run/cloudlet/bus/registry.sock";
+/// The variable that moves the socket (host runs, tests).
+pub const SOCKET_VAR: &str = "CLOUDLET_REGISTRY_SOCKET";
+/// How long an answer is reused without asking again (a revocation does not
+/// wait for this: the signal clears the cache).
+pub const CACHE_FOR: Duration = Duration::from_secs(60);
+/// Answers kept at most; the cache starts over when full.
+const CACHE_MAX: usize = 4096;
+/// How long a check waits for the registry.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The registry's socket: `$CLOUDLET_REGISTRY_SOCKET`, else [`DEFAULT_SOCKET`].
+pub fn socket_path() -> PathBuf {
+    std::env::var_os(SOCKET_VAR)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_SOCKET.into())
+}
+
+/// The hash a token is looked up by (BLAKE3, hex).
+pub fn token_hash(token: &str) -> String {
+    blake3::hash(token.as_bytes()).to_hex().to_string()
+}
+
+/// A peer-to-peer D-Bus connection to the registry.
+pub async fn connect(socket: &Path) -> zbus::Result<zbus::Connection> {
+    let io = |e: std::io::Error| zbus::Error::InputOutput(Arc::new(e));
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .and_then(|s| s.into_std())
+        .map_err(io)?;
+    zbus::connection::Builder::unix_stream(stream)
+        .p2p()
+        .build()
+        .await
+}
+
+/// Calls `method` of the registry on `conn` and reads its answer.
+pub async fn call<A, R>(conn: &zbus::Connection, method: &str, args: &A) -> zbus::Result<R>
+where
+    A: serde::Serialize + zbus::zvariant::DynamicType,
+    R: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type,
+{
+    let reply = conn
+        .call_method(None::<&str>, PATH, Some(INTERFACE), method, args)
+        .await?;
+    reply.body().deserialize::<R>()
+}
+
+#[derive(Default)]
+struct Inner {
+    conn: Option<zbus::Connection>,
+    cache: HashMap<String, (Identity, Instant)>,
+    /// Bumped whenever the cache is dropped, so an answer asked for before
+    /// a revocation is not cached after it.
+    generation: u64,
+}
+
+impl Inner {
+    fn forget(&mut self) {
+        self.cache.clear();
+        self.generation = self.generation.wrapping_add(1);
+    }
+}
+
+/// The registry's answer, cached, as an [`Authenticator`].
+pub struct RegistryAuth {
+    inner: Arc<Mutex<Inner>>,
+    /// Ends the background task when the service drops this.
+    _watch: tokio_util::sync::DropGuard,
+}
+
+impl RegistryAuth {
+    /// Starts keeping a connection to the registry at `socket` (in the
+    /// background, reconnecting whenever it drops). Needs a tokio runtime.
+    pub fn start(socket: PathBuf) -> RegistryAuth {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(watch(socket, inner.clone(), stop.clone()));
+        RegistryAuth {
+            inner,
+            _watch: stop.drop_guard(),
+        }
+    }
+
+    /// [`RegistryAuth::start`], then waits a little for the first
+    /// connection, so that a service that reports ready can answer at once.
+    /// Without the registry it starts anyway (and answers 503 until it comes).
+    pub async fn start_and_wait(socket: PathBuf) -> RegistryAuth {
+        let auth = RegistryAuth::start(socket.clone());
+        if !auth.connected(Duration::from_secs(5)).await {
+            tracing::warn!(socket = %socket.display(), "the device registry is not reachable yet: requests get 503 until it is");
+        }
+        auth
+    }
+
+    /// Waits (up to `timeout`) until the registry is connected.
+    pub async fn connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if lock(&self.inner).conn.is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    // A panic while holding it leaves only a cache behind: use it anyway.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps the connection: connect, drop the cache on every `Changed`, and
+/// when the connection ends, forget everything and connect again.
+async fn watch(
+    socket: PathBuf,
+    inner: Arc<Mutex<Inner>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let conn = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = connect(&socket) => c,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(socket = %socket.display(), error = %e, "registry not reachable yet");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {},
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        wait = Duration::from_millis(50);
+        let mut messages = zbus::MessageStream::from(&conn);
+        {
+            let mut i = lock(&inner);
+            i.forget();
+            i.conn = Some(conn.clone());
+        }
+        tracing::info!(socket = %socket.display(), "registry connected");
+        loop {
+            let m = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = messages.next() => m,
+            };
+            let m = match m {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "registry message");
+                    continue;
+                }
+                None => break,
+            };
+            let header = m.header();
+            if m.message_type() == zbus::message::Type::Signal
+                && header.member().is_some_and(|n| n.as_str() == "Changed")
+            {
+                let device: String = m.body().deserialize().unwrap_or_default();
+                tracing::info!(device, "registry changed: credentials are checked again");
+                lock(&inner).forget();
+            }
+        }
+        tracing::warn!("registry connection lost: every request waits for it");
+        let mut i = lock(&inner);
+        i.conn = None;
+        i.forget();
+    }
+}
+
+impl Authenticator for RegistryAuth {
+    fn check(&self, p: Presented) -> CheckFuture<'_> {
+        Box::pin(async move {
+            // A proved key wins over a token: it cannot be replayed.
+            let (kind, hash) = match (&p.key, &p.token) {
+                (Some(k), _) => ("key", k.clone()),
+                (None, Some(t)) => ("token", token_hash(t)),
+                (None, None) if p.malformed => return Err(AuthError::Invalid),
+                (None, None) => return Err(AuthError::Missing),
+            };
+            let cache_key = format!("{kind}:{hash}");
+            let (conn, generation) = {
+                let mut i = lock(&self.inner);
+                if let Some((who, at)) = i.cache.get(&cache_key) {
+                    if at.elapsed() < CACHE_FOR {
+                        return Ok(who.clone());
+                    }
+                }
+                i.cache.remove(&cache_key);
+                (i.conn.clone(), i.generation)
+            };
+            let conn = conn.ok_or(AuthError::Unavailable)?;
+            let answer = tokio::time::timeout(
+                CALL_TIMEOUT,
+                call::<_, (String, String, String)>(&conn, "Check", &(kind, hash.as_str())),
+            )
+            .await;
+            let (device, name, role) = match answer {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "registry check failed");
+                    return Err(AuthError::Unavailable);
+                }
+                Err(_) => {
+                    tracing::warn!("registry check timed out");
+                    return Err(AuthError::Unavailable);
+                }
+            };
+            if device.is_empty() {
+                return Err(AuthError::Invalid);
+            }
+            let who = Identity { device, name, role };
+            let mut i = lock(&self.inner);
+            if i.generation == generation {
+                if i.cache.len() >= CACHE_MAX {
+                    i.cache.clear();
+                }
+                i.cache.insert(cache_key, (who.clone(), Instant::now()));
+            }
+            Ok(who)
+        })
+    }
+}

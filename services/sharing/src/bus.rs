@@ -1,0 +1,230 @@
+//! The registry on the bus: the D-Bus interface other services ask
+//! ([`cloudlet_runtime::registry`] is the other end), peer to peer on a Unix
+//! socket, one connection per service.
+//!
+//! Anyone who can connect may ask `Check` (a hash in, a yes or no out: the
+//! tokens themselves never cross). Changing the registry (`AddDevice`,
+//! `Revoke`) and listing it need the peer to be root or the sharing
+//! service's own user: root on the box, or the developer who started a host
+//! run. The kernel tells the peer's user (SO_PEERCRED), not the peer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cloudlet_runtime::registry::{INTERFACE, PATH};
+use zbus::fdo;
+
+use crate::registry::{NewDevice, PairedHow, Registry, RegistryError, Role};
+
+/// Tells every connected service that the registry changed.
+#[derive(Default)]
+pub struct Notifier {
+    /// Each peer's connection, numbered (peer-to-peer connections have no
+    /// bus name to tell them apart by).
+    conns: Mutex<(u64, Vec<(u64, zbus::Connection)>)>,
+}
+
+impl Notifier {
+    fn add(&self, c: zbus::Connection) {
+        let mut g = self.lock();
+        g.0 = g.0.wrapping_add(1);
+        let n = g.0;
+        g.1.push((n, c));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<(u64, zbus::Connection)>)> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `Changed(device)` to every service; forgets connections that are gone.
+    pub async fn changed(&self, device: &str) {
+        let conns = self.lock().1.clone();
+        let mut gone = Vec::new();
+        for (n, c) in &conns {
+            if let Err(e) = c
+                .emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(device,))
+                .await
+            {
+                tracing::debug!(error = %e, "a bus peer is gone");
+                gone.push(*n);
+            }
+        }
+        if !gone.is_empty() {
+            self.lock().1.retain(|(n, _)| !gone.contains(n));
+        }
+        tracing::info!(
+            device,
+            peers = conns.len().saturating_sub(gone.len()),
+            "registry change sent"
+        );
+    }
+}
+
+/// One peer's view of the interface: what it may do depends on its user.
+struct Iface {
+    registry: Arc<Registry>,
+    notifier: Arc<Notifier>,
+    /// The peer may change the registry.
+    admin: bool,
+}
+
+fn failed(e: RegistryError) -> fdo::Error {
+    fdo::Error::Failed(e.to_string())
+}
+
+impl Iface {
+    fn need_admin(&self) -> fdo::Result<()> {
+        if self.admin {
+            Ok(())
+        } else {
+            Err(fdo::Error::AccessDenied(
+                "only root on the box may change the registry".into(),
+            ))
+        }
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> fdo::Result<T>
+    where
+        F: FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let r = self.registry.clone();
+        tokio::task::spawn_blocking(move || f(&r))
+            .await
+            .map_err(|e| fdo::Error::Failed(e.to_string()))?
+            .map_err(failed)
+    }
+}
+
+#[zbus::interface(name = "org.cloudlet.Registry1")]
+impl Iface {
+    /// Whose credential this is: `kind` is "key" or "token", `hash` its
+    /// hash. An empty device id means nobody's.
+    async fn check(&self, kind: String, hash: String) -> fdo::Result<(String, String, String)> {
+        if kind != "key" && kind != "token" {
+            return Err(fdo::Error::InvalidArgs(format!("unknown kind {kind:?}")));
+        }
+        let found = self
+            .blocking(move |r| {
+                let d = r.lookup(&kind, &hash)?;
+                if let Some(d) = &d {
+                    r.seen(&d.id, crate::now())?;
+                }
+                Ok(d)
+            })
+            .await?;
+        Ok(match found {
+            Some(d) => (d.id, d.name, d.role.as_str().to_owned()),
+            None => (String::new(), String::new(), String::new()),
+        })
+    }
+
+    /// Pairs a device by hand (root only) and returns its id and token.
+    async fn add_device(&self, name: String, role: String) -> fdo::Result<(String, String)> {
+        self.need_admin()?;
+        let role = Role::parse(&role)
+            .ok_or_else(|| fdo::Error::InvalidArgs(format!("unknown role {role:?}")))?;
+        let (device, token) = self
+            .blocking(move |r| {
+                r.add(NewDevice {
+                    name,
+                    role,
+                    how: PairedHow::Local,
+                    key: None,
+                    token: true,
+                })
+            })
+            .await?;
+        tracing::info!(device = %device.id, name = %device.name, role = role.as_str(), "device added on the box");
+        self.notifier.changed(&device.id).await;
+        Ok((device.id, token.unwrap_or_default()))
+    }
+
+    /// Forgets a device (root only); every service refuses it at once.
+    async fn revoke(&self, id: String) -> fdo::Result<()> {
+        self.need_admin()?;
+        let gone = self.blocking(move |r| r.remove(&id)).await?;
+        tracing::info!(device = %gone.id, name = %gone.name, "device revoked on the box");
+        self.notifier.changed(&gone.id).await;
+        Ok(())
+    }
+
+    /// Every device, as JSON (root only).
+    async fn list(&self) -> fdo::Result<String> {
+        self.need_admin()?;
+        let all = self.blocking(|r| r.list()).await?;
+        serde_json::to_string(&all).map_err(|e| fdo::Error::Failed(e.to_string()))
+    }
+}
+
+/// Binds the registry's socket at `path` (replacing a stale one), open to
+/// every local user: what each may do is decided per call.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}
+
+/// Serves the registry to every peer that connects, until the task ends.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    socket: PathBuf,
+    registry: Arc<Registry>,
+    notifier: Arc<Notifier>,
+) {
+    let own = nix::unistd::geteuid().as_raw();
+    tracing::info!(socket = %socket.display(), "registry on the bus");
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "bus accept");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                tracing::warn!(error = %e, "bus peer without credentials: refused");
+                continue;
+            }
+        };
+        let iface = Iface {
+            registry: registry.clone(),
+            notifier: notifier.clone(),
+            admin: uid == 0 || uid == own,
+        };
+        let notifier = notifier.clone();
+        // The handshake runs on its own, so one slow peer holds up nobody.
+        tokio::spawn(async move {
+            let built = async {
+                let std = stream.into_std()?;
+                zbus::connection::Builder::unix_stream(std)
+                    .server(zbus::Guid::generate())
+                    .p2p()
+                    .serve_at(PATH, iface)
+                    .build()
+                    .await
+                    .map_err(std::io::Error::other)
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(5), built).await {
+                Ok(Ok(conn)) => {
+                    tracing::debug!(uid, "bus peer connected");
+                    notifier.add(conn);
+                }
+                Ok(Err(e)) => tracing::warn!(uid, error = %e, "bus handshake"),
+                Err(_) => tracing::warn!(uid, "bus handshake timed out"),
+            }
+        });
+    }
+}
