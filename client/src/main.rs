@@ -1,5 +1,8 @@
 //! `cloudlet`: the box's command-line client. On the box it talks to init's
-//! control socket.
+//! control socket; from a PC it pairs with boxes and manages their devices
+//! over HTTPS ([`remote`]).
+
+mod remote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,10 +40,62 @@ enum Cmd {
         #[arg(long)]
         wait: Option<u64>,
     },
+    /// The boxes on this LAN (announced over mDNS as _cloudlet._tcp).
+    Discover {
+        /// How long to listen.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+    /// Pair this device with a box: press its button once, run this, check
+    /// the box ID, press the button again (and have an owner approve the
+    /// code if the box has one).
+    Pair {
+        /// The box: HOST or HOST:PORT (its web UI's port, 8080 by default).
+        host: String,
+        /// What the box will call this device (default: this host's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Pair as another Cloudlet (a box), not as a person's device.
+        #[arg(long)]
+        as_box: bool,
+    },
+    /// The devices paired with a box: list, rename, revoke.
+    Devices {
+        /// Which paired box (its ID); needed when this device has several.
+        #[arg(long = "box")]
+        box_id: Option<String>,
+        #[command(subcommand)]
+        cmd: Option<DevicesCmd>,
+    },
+    /// Pairings waiting on a box (owners): show the code, approve it.
+    Pairing {
+        #[arg(long = "box")]
+        box_id: Option<String>,
+        #[command(subcommand)]
+        cmd: PairingCmd,
+    },
     /// Stop every service in order and reboot.
     Reboot,
     /// Stop every service in order and power off.
     Poweroff,
+}
+
+#[derive(Subcommand)]
+enum DevicesCmd {
+    /// Every device the box knows (the default).
+    List,
+    /// Give a device another name.
+    Rename { id: String, name: String },
+    /// Forget a device: every service refuses it at once.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum PairingCmd {
+    /// The device waiting to pair, and its code.
+    Show,
+    /// Approve the waiting device, by the code it shows.
+    Approve { code: String },
 }
 
 #[derive(Subcommand)]
@@ -92,9 +147,128 @@ fn print_services(s: &Status) {
     }
 }
 
+/// Runs a command that talks to a box over the network.
+fn remote<F: std::future::Future<Output = Result<(), String>>>(f: F) -> Result<(), String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(f)
+}
+
+fn print_devices(list: &serde_json::Value) {
+    let you = list["you"].as_str().unwrap_or_default();
+    println!(
+        "{:<12} {:<7} {:<16} {:<24} NAME",
+        "ID", "ROLE", "PAIRED", "KEY"
+    );
+    for d in list["devices"].as_array().into_iter().flatten() {
+        let id = d["id"].as_str().unwrap_or("?");
+        let key = d["key"]
+            .as_str()
+            .map(|k| k.get(..16).unwrap_or(k).to_owned() + "…");
+        println!(
+            "{:<12} {:<7} {:<16} {:<24} {}{}",
+            id,
+            d["role"].as_str().unwrap_or("?"),
+            d["paired_how"].as_str().unwrap_or("?"),
+            key.unwrap_or_else(|| "(token)".into()),
+            d["name"].as_str().unwrap_or("?"),
+            if id == you { "  (this device)" } else { "" },
+        );
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let sock = cli.socket.as_path();
     match cli.cmd {
+        Cmd::Discover { seconds } => {
+            let found = remote::discover(seconds)?;
+            if found.is_empty() {
+                println!("no box answered within {seconds} s");
+            }
+            let pinned = remote::Config::open()
+                .and_then(|c| c.boxes())
+                .unwrap_or_default();
+            for f in found {
+                let addrs: Vec<String> = f.addresses.iter().map(|a| a.to_string()).collect();
+                println!(
+                    "{}  {}  {}:{}{}",
+                    f.box_id,
+                    f.host,
+                    addrs.join(","),
+                    f.port,
+                    if pinned.contains_key(&f.box_id) {
+                        "  (paired)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        Cmd::Pair { host, name, as_box } => remote(async move {
+            let name = name.unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "device".into())
+            });
+            println!("{}", remote::pair(&host, &name, as_box).await?);
+            Ok(())
+        })?,
+        Cmd::Devices { box_id, cmd } => remote(async move {
+            let b = box_id.as_deref();
+            match cmd.unwrap_or(DevicesCmd::List) {
+                DevicesCmd::List => {
+                    print_devices(&remote::call(b, "GET", "/api/devices", None).await?)
+                }
+                DevicesCmd::Rename { id, name } => {
+                    let path = format!("/api/devices/{id}/name");
+                    remote::call(b, "PUT", &path, Some(serde_json::json!({"name": name}))).await?;
+                    println!("renamed {id} to {name}");
+                }
+                DevicesCmd::Revoke { id } => {
+                    remote::call(b, "DELETE", &format!("/api/devices/{id}"), None).await?;
+                    println!("revoked {id}: every service refuses it now");
+                }
+            }
+            Ok(())
+        })?,
+        Cmd::Pairing { box_id, cmd } => remote(async move {
+            let b = box_id.as_deref();
+            match cmd {
+                PairingCmd::Show => {
+                    let s = remote::call(b, "GET", "/api/pairing", None).await?;
+                    match s["pending"].as_object() {
+                        Some(p) => println!(
+                            "{} ({}) waits to pair with code {}{}",
+                            p["name"].as_str().unwrap_or("?"),
+                            p["kind"].as_str().unwrap_or("?"),
+                            p["code"].as_str().unwrap_or("?"),
+                            if p["pressed"].as_bool() == Some(true) {
+                                "; the button was pressed"
+                            } else {
+                                ""
+                            }
+                        ),
+                        None if s["open"].as_bool() == Some(true) => {
+                            println!("the pairing window is open; no device waits")
+                        }
+                        None => println!("the pairing window is closed"),
+                    }
+                }
+                PairingCmd::Approve { code } => {
+                    remote::call(
+                        b,
+                        "POST",
+                        "/api/pairing/approve",
+                        Some(serde_json::json!({"code": code})),
+                    )
+                    .await?;
+                    println!("approved: the device is paired once the box's button is pressed a second time");
+                }
+            }
+            Ok(())
+        })?,
         Cmd::Status { json } => {
             let s = status(sock)?;
             if json {

@@ -24,8 +24,12 @@ use cloudlet_board::button::Event as Button;
 use cloudlet_board::led::{ErrorClass, LedState};
 use cloudlet_proto::control::ButtonEvent;
 
-/// How long the pairing window a short press opens stays open.
-pub const PAIRING_WINDOW: Duration = Duration::from_secs(60);
+/// The longest the pairing pattern shows after the sharing service said a
+/// window opened (its window is 120 s; this bounds a pattern whose
+/// "closed" never came, say because the service died).
+pub const PAIRING_WINDOW: Duration = Duration::from_secs(125);
+/// How long a failed pairing shows the error pattern.
+pub const PAIRING_FAILED: Duration = Duration::from_secs(5);
 /// How long the factory-reset gesture waits for its confirming press.
 pub const RESET_CONFIRM: Duration = Duration::from_secs(15);
 /// How long the held button has to reach the very-long time (10 s) and arm
@@ -59,6 +63,8 @@ pub enum Event {
     Button(Button),
     /// Time passed: a pairing window that is due closes.
     Tick,
+    /// The sharing service's pairing window opened, closed or failed.
+    Pairing(cloudlet_proto::control::PairingLed),
     /// Every service is ready, the first time this boot.
     AllReady,
     /// A service reported ready and every service is ready right now
@@ -90,6 +96,8 @@ pub struct Panel {
     /// What the LED was last told to show.
     shown: LedState,
     pairing_until: Option<Instant>,
+    /// A failed pairing shows the error pattern until then.
+    failed_until: Option<Instant>,
     /// Held past the long-press time: dark until released.
     held_long: bool,
     shutting_down: bool,
@@ -102,6 +110,7 @@ impl Panel {
             base,
             shown: LedState::Off,
             pairing_until: None,
+            failed_until: None,
             held_long: false,
             shutting_down: false,
         }
@@ -119,9 +128,12 @@ impl Panel {
         self.shown
     }
 
-    /// When the pairing window closes, if it is open.
+    /// When the pairing pattern or the failure pattern ends, if one shows.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pairing_until
+        match (self.pairing_until, self.failed_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
@@ -134,6 +146,23 @@ impl Panel {
             Event::Tick => {
                 if self.pairing_until.is_some_and(|t| t <= now) {
                     self.pairing_until = None;
+                }
+                if self.failed_until.is_some_and(|t| t <= now) {
+                    self.failed_until = None;
+                }
+            }
+            Event::Pairing(led) => {
+                use cloudlet_proto::control::PairingLed;
+                match led {
+                    PairingLed::Open => {
+                        self.failed_until = None;
+                        self.pairing_until = Some(now.checked_add(PAIRING_WINDOW).unwrap_or(now));
+                    }
+                    PairingLed::Closed => self.pairing_until = None,
+                    PairingLed::Failed => {
+                        self.pairing_until = None;
+                        self.failed_until = Some(now.checked_add(PAIRING_FAILED).unwrap_or(now));
+                    }
                 }
             }
             Event::AllReady => {
@@ -175,12 +204,9 @@ impl Panel {
         out.push(Action::Publish(press));
         match press {
             Press::Short => {
-                // A short press opens the pairing window; a second one closes it.
-                self.pairing_until = match self.pairing_until {
-                    Some(_) => None,
-                    None => Some(now.checked_add(PAIRING_WINDOW).unwrap_or(now)),
-                };
-                self.show(out);
+                // Published only: the sharing service runs the pairing
+                // window and tells the LEDs (Event::Pairing).
+                let _ = now;
             }
             Press::Long | Press::VeryLong => {
                 // Going down: the LED shows it at once.
@@ -196,6 +222,8 @@ impl Panel {
             LedState::Off
         } else if self.shutting_down {
             LedState::Booting
+        } else if self.failed_until.is_some() {
+            LedState::Error(ErrorClass::Pairing)
         } else if self.pairing_until.is_some() {
             LedState::Pairing
         } else {
@@ -380,7 +408,8 @@ mod tests {
     }
 
     #[test]
-    fn a_short_press_opens_pairing_for_a_minute() {
+    fn a_short_press_is_published_and_the_led_shows_what_pairing_says() {
+        use cloudlet_proto::control::PairingLed;
         let t0 = Instant::now();
         let mut p = started(LedState::Booting);
         p.handle(Event::AllReady, t0);
@@ -389,11 +418,30 @@ mod tests {
             vec![],
             "nothing until released"
         );
+        // The press is published; the sharing service runs the window.
         assert_eq!(
             p.handle(button(Button::Short), t0),
-            vec![Publish(Press::Short), Led(LedState::Pairing)]
+            vec![Publish(Press::Short)]
+        );
+        assert_eq!(
+            p.handle(Event::Pairing(PairingLed::Open), t0),
+            vec![Led(LedState::Pairing)]
         );
         assert_eq!(p.next_deadline(), Some(t0 + PAIRING_WINDOW));
+        assert_eq!(
+            p.handle(Event::Pairing(PairingLed::Closed), t0),
+            vec![Led(LedState::Ready)]
+        );
+        assert_eq!(p.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_pairing_pattern_ends_by_itself_if_closed_never_comes() {
+        use cloudlet_proto::control::PairingLed;
+        let t0 = Instant::now();
+        let mut p = started(LedState::Booting);
+        p.handle(Event::AllReady, t0);
+        p.handle(Event::Pairing(PairingLed::Open), t0);
         assert_eq!(
             p.handle(Event::Tick, t0 + PAIRING_WINDOW - Duration::from_millis(1)),
             vec![]
@@ -402,20 +450,24 @@ mod tests {
             p.handle(Event::Tick, t0 + PAIRING_WINDOW),
             vec![Led(LedState::Ready)]
         );
-        assert_eq!(p.next_deadline(), None);
     }
 
     #[test]
-    fn a_second_short_press_closes_pairing() {
+    fn a_failed_pairing_shows_the_error_pattern_for_a_few_seconds() {
+        use cloudlet_proto::control::PairingLed;
         let t0 = Instant::now();
         let mut p = started(LedState::Booting);
         p.handle(Event::AllReady, t0);
-        p.handle(button(Button::Short), t0);
+        p.handle(Event::Pairing(PairingLed::Open), t0);
         assert_eq!(
-            p.handle(button(Button::Short), t0 + Duration::from_secs(5)),
-            vec![Publish(Press::Short), Led(LedState::Ready)]
+            p.handle(Event::Pairing(PairingLed::Failed), t0),
+            vec![Led(LedState::Error(ErrorClass::Pairing))]
         );
-        assert_eq!(p.next_deadline(), None);
+        assert_eq!(p.next_deadline(), Some(t0 + PAIRING_FAILED));
+        assert_eq!(
+            p.handle(Event::Tick, t0 + PAIRING_FAILED),
+            vec![Led(LedState::Ready)]
+        );
     }
 
     #[test]
@@ -424,8 +476,11 @@ mod tests {
         let service = LedState::Error(ErrorClass::Service);
         let mut p = started(service);
         assert_eq!(
-            p.handle(button(Button::Short), t0),
-            vec![Publish(Press::Short), Led(LedState::Pairing)]
+            p.handle(
+                Event::Pairing(cloudlet_proto::control::PairingLed::Open),
+                t0
+            ),
+            vec![Led(LedState::Pairing)]
         );
         assert_eq!(
             p.handle(Event::Tick, t0 + PAIRING_WINDOW),

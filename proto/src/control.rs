@@ -26,6 +26,9 @@ pub enum Request {
     /// Button events with a sequence number above `after`. With `wait_ms`,
     /// waits up to that long for one to happen (a long poll).
     Events { after: u64, wait_ms: Option<u64> },
+    /// What the pairing window shows on the LEDs (from the sharing
+    /// service, which runs pairing).
+    Pairing { state: PairingLed },
     /// Orderly shutdown, then reboot.
     Reboot,
     /// Orderly shutdown, then power off.
@@ -35,11 +38,30 @@ pub enum Request {
 impl Request {
     /// Whether the request changes the box (and so needs root).
     pub fn is_privileged(&self) -> bool {
+        // The pairing LED request changes only what the LEDs show for a
+        // few seconds: the sharing service (not root) sends it, and the
+        // only local users on a box are root and the services.
         !matches!(
             self,
-            Request::Status | Request::Logs { .. } | Request::Events { .. }
+            Request::Status
+                | Request::Logs { .. }
+                | Request::Events { .. }
+                | Request::Pairing { .. }
         )
     }
+}
+
+/// The pairing window's news for the LEDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairingLed {
+    /// A window is open: the pairing pattern.
+    Open,
+    /// It closed (a device paired, or time ran out): the normal pattern.
+    Closed,
+    /// Pairing failed (two devices at once, too many wrong codes): the
+    /// error pattern for a few seconds.
+    Failed,
 }
 
 /// init's answer to one request.

@@ -42,8 +42,46 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Body<'_>,
 ) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(addr)?;
+    let s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    request_on(s, method, path, headers, body)
+}
+
+/// [`request`] over TLS with `config`, naming the server `server_name`
+/// (what its certificate must say). The handshake's failure is the error.
+pub fn request_tls(
+    addr: SocketAddr,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    server_name: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> std::io::Result<Response> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| bad(&e.to_string()))?;
+    let conn =
+        rustls::ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    // Finish the handshake first, so that its failure is told as such.
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+    }
+    request_on(tls, method, path, headers, body)
+}
+
+/// [`request`] on a connected stream.
+pub fn request_on<S: Read + Write>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> std::io::Result<Response> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: cloudlet\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -102,7 +140,7 @@ fn bad(m: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned())
 }
 
-fn read_response(s: &mut TcpStream, head_only: bool) -> std::io::Result<Response> {
+fn read_response<S: Read>(s: &mut S, head_only: bool) -> std::io::Result<Response> {
     let mut r = BufReader::new(s);
     let (status, headers) = read_head(&mut r)?;
     let mut line = String::new();

@@ -214,6 +214,9 @@ pub struct Vm {
     /// The token of a device the tests paired on the box (as root, with
     /// `cloudletd sharing add-device`), once asked for.
     token: Option<String>,
+    /// A TLS client that pins the box's identity (read from its disk), and
+    /// the name that identity gives the box.
+    tls: Option<(Arc<rustls::ClientConfig>, String)>,
 }
 
 impl Drop for Vm {
@@ -357,6 +360,7 @@ impl Vm {
             cursor: 0,
             leds: Arc::new(Mutex::new(Vec::new())),
             token: None,
+            tls: None,
         };
         vm.connect_qmp(&qmp_path)?;
         vm.connect_leds(&led_path)?;
@@ -584,9 +588,64 @@ impl Vm {
         }
     }
 
-    /// An HTTP GET to a box service through its forwarded port: (status, body).
-    pub fn http_get(&self, service: &str, path: &str) -> Result<(u16, String)> {
+    /// An HTTPS GET to a box service through its forwarded port: (status, body).
+    pub fn http_get(&mut self, service: &str, path: &str) -> Result<(u16, String)> {
         self.http_get_auth(service, path, None)
+    }
+
+    /// A TLS client that trusts the box's identity and nothing else, read
+    /// from the box's disk as root (as a client that paired would have it),
+    /// and the name to give the box.
+    pub fn tls(&mut self) -> Result<(Arc<rustls::ClientConfig>, String)> {
+        if let Some(t) = &self.tls {
+            return Ok(t.clone());
+        }
+        let hex = self.sh("od -An -v -tx1 /data/sharing/identity.crt")?;
+        let der: Vec<u8> = hex
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| anyhow!("identity.crt as hex: {e}"))?;
+        let cert = rustls::pki_types::CertificateDer::from(der);
+        let spki = cloudlet_runtime::tls::spki_of(&cert)
+            .ok_or_else(|| anyhow!("the box's identity certificate does not parse"))?;
+        let name = cloudlet_runtime::tls::box_dns_name(&cloudlet_runtime::tls::box_id(&spki));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert)?;
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(cloudlet_runtime::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        self.tls = Some((config.clone(), name.clone()));
+        Ok((config, name))
+    }
+
+    /// One HTTPS request to a box service through its forwarded port,
+    /// pinning the box's identity ([`Vm::tls`]).
+    pub fn https(
+        &mut self,
+        service: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: cloudlet_testkit::http::Body<'_>,
+    ) -> Result<cloudlet_testkit::http::Response> {
+        let port = *self
+            .ports
+            .get(service)
+            .ok_or_else(|| anyhow!("no port for {service}"))?;
+        let (config, name) = self.tls()?;
+        Ok(cloudlet_testkit::http::request_tls(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            &config,
+            &name,
+            method,
+            path,
+            headers,
+            body,
+        )?)
     }
 
     /// The credential of a device paired on the box by root on the console
@@ -625,18 +684,14 @@ impl Vm {
 
     /// [`Vm::http_get`] with an `Authorization` header.
     pub fn http_get_auth(
-        &self,
+        &mut self,
         service: &str,
         path: &str,
         auth: Option<&str>,
     ) -> Result<(u16, String)> {
-        let port = *self
-            .ports
-            .get(service)
-            .ok_or_else(|| anyhow!("no port for {service}"))?;
         let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
-        let r = cloudlet_testkit::http::request(
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        let r = self.https(
+            service,
             "GET",
             path,
             &headers,

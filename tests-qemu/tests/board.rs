@@ -70,8 +70,32 @@ fn leds_blink_while_booting_and_hold_steady_when_ready() -> Result<()> {
     Ok(())
 }
 
+/// The host's `cloudlet` command, built beside this test by `cargo test`
+/// at the workspace root.
+fn cloudlet_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/debug/deps/board-HASH -> target/debug/cloudlet
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("cloudlet"))
+        .expect("a target directory");
+    assert!(
+        p.exists(),
+        "{} is missing: run the host tests first (cargo test at the root)",
+        p.display()
+    );
+    p
+}
+
+/// Pairing as a person does it: a press on the box (through QMP), `cloudlet
+/// pair` on the host through the port forward, the code shown, the box's
+/// owner (the device the tests pair as root) approving that code, a second
+/// press; then the host's device reaches the box by its key alone.
 #[test]
-fn a_short_press_opens_pairing_and_is_published() -> Result<()> {
+fn pressing_the_button_and_running_cloudlet_pair_pairs_the_host() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
     let disk = Disk::new("1G")?;
     let mut vm = Vm::boot(&disk, &BootOptions::default())?;
     vm.wait_ready()?;
@@ -88,12 +112,58 @@ fn a_short_press_opens_pairing_and_is_published() -> Result<()> {
         events.lines().any(|l| l.starts_with("1 short-press")),
         "{events}"
     );
-    assert_eq!(led_state(&mut vm)?, "pairing");
+    // The sharing service opened its window and the LED says so.
+    vm.poll("LED pairing", Duration::from_secs(20), |vm| {
+        Ok((led_state(vm)? == "pairing").then_some(()))
+    })?;
     // Fast blink: 100 ms on, 100 ms off.
     vm.poll("pairing blinks", Duration::from_secs(20), |vm| {
         Ok((status_changes(vm, pressed).len() >= 10).then_some(()))
     })?;
-    // A long poll sees the next press.
+
+    let config = tempfile::tempdir()?;
+    let host = format!("127.0.0.1:{}", vm.ports["sharing"]);
+    let mut pair = Command::new(cloudlet_bin())
+        .args(["pair", &host, "--name", "qemu-host"])
+        .env("CLOUDLET_CONFIG_DIR", config.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(pair.stdout.take().expect("stdout")).lines();
+    let mut shown = Vec::new();
+    for line in lines.by_ref().map_while(std::result::Result::ok) {
+        shown.push(line.clone());
+        if line.starts_with("Waiting") {
+            break;
+        }
+    }
+    let code = shown
+        .iter()
+        .find_map(|l| l.strip_prefix("Code:"))
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_default();
+    assert_eq!(code.len(), 6, "{shown:?}");
+    // The box has the request (its log shows the same code), then the
+    // confirming press; a long poll on the box sees that press too.
+    vm.poll("the request on the box", Duration::from_secs(30), |vm| {
+        let log = vm.sh("cloudlet service logs sharing")?;
+        Ok(log.contains(&format!("code={code}")).then_some(()))
+    })?;
+    // The box has an owner (the tests' own device, which reads the LED
+    // state): the owner approves by the code the host shows.
+    let owner = format!("Bearer {}", vm.token()?);
+    let body = format!("{{\"code\": \"{code}\"}}");
+    let approved = vm.https(
+        "sharing",
+        "POST",
+        "/api/pairing/approve",
+        &[
+            ("Authorization", &owner),
+            ("Content-Type", "application/json"),
+        ],
+        cloudlet_testkit::http::Body::Bytes(body.as_bytes()),
+    )?;
+    assert_eq!(approved.status, 200, "{}", approved.text());
     let waiter = vm.sh("(cloudlet events --after 1 --wait 60 > /tmp/ev.txt &)")?;
     assert!(waiter.trim().is_empty(), "{waiter}");
     vm.press(200)?;
@@ -102,10 +172,33 @@ fn a_short_press_opens_pairing_and_is_published() -> Result<()> {
         Ok(out.contains("short-press").then_some(out))
     })?;
     assert!(next.trim_start().starts_with("2 short-press"), "{next}");
-    // The second press closed the pairing window.
+    let rest: Vec<String> = lines.map_while(std::result::Result::ok).collect();
+    let status = pair.wait()?;
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = pair.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        let log = vm.sh("cloudlet service logs sharing")?;
+        panic!("cloudlet pair failed: {shown:?} {rest:?} {err}\nsharing's log:\n{log}");
+    }
+    assert!(rest.iter().any(|l| l.contains("as device")), "{rest:?}");
+    // One success closes the window: the LED is back to ready.
     vm.poll("LED back to ready", Duration::from_secs(10), |vm| {
         Ok((led_state(vm)? == "ready").then_some(()))
     })?;
+    // The host reaches the box by its key alone, pinning the box.
+    let out = Command::new(cloudlet_bin())
+        .args(["devices"])
+        .env("CLOUDLET_CONFIG_DIR", config.path())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("qemu-host  (this device)"), "{text}");
     Ok(())
 }
 
@@ -150,6 +243,17 @@ fn factory_reset_needs_the_held_button_and_a_confirming_press() -> Result<()> {
         vm.sh("mkdir -p /data/test && echo mine > /data/test/file")?;
         vm.power_off()?;
     }
+    // A device paired before the reset, and the box's identity then.
+    let (old_token, old_name) = {
+        let mut vm = Vm::boot(&disk, &BootOptions::default())?;
+        vm.wait_ready()?;
+        let t = vm.token()?;
+        let (code, _) = vm.http_get_auth("storage", "/api/space", Some(&format!("Bearer {t}")))?;
+        assert_eq!(code, 200);
+        let (_, name) = vm.tls()?;
+        vm.power_off()?;
+        (t, name)
+    };
     // Held briefly at boot, then let go: nothing happens to /data.
     {
         let mut vm = boot_with_button_held(&disk)?;
@@ -178,5 +282,14 @@ fn factory_reset_needs_the_held_button_and_a_confirming_press() -> Result<()> {
     assert!(data.created, "{data:?}");
     let (_, code) = vm.shell("test -e /data/test/file")?;
     assert_ne!(code, 0, "the old file is gone");
+    // Every device is forgotten, and the box has a new identity.
+    let (code, _) = vm.http_get_auth(
+        "storage",
+        "/api/space",
+        Some(&format!("Bearer {old_token}")),
+    )?;
+    assert_eq!(code, 401, "a device paired before the reset is refused");
+    let (_, name) = vm.tls()?;
+    assert_ne!(name, old_name, "a new box identity");
     Ok(())
 }

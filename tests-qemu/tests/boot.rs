@@ -72,10 +72,42 @@ fn boots_and_every_service_reports_ready() -> Result<()> {
     let token = vm.token()?;
     let (code, body) = vm.http_get_auth("storage", "/", Some(&format!("Bearer {token}")))?;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(
-        vm.sh("stat -c %a:%U /data/sharing/registry.redb")?.trim(),
-        "600:sharing"
+    for private in ["registry.redb", "identity.key"] {
+        assert_eq!(
+            vm.sh(&format!("stat -c %a:%U /data/sharing/{private}"))?
+                .trim(),
+            "600:sharing",
+            "{private}"
+        );
+    }
+    // Every service answers over TLS only, with a certificate the box's
+    // identity signed (the client pins it: see Vm::tls), and plain HTTP
+    // gets nothing.
+    let plain = cloudlet_testkit::http::request(
+        std::net::SocketAddr::from(([127, 0, 0, 1], vm.ports["storage"])),
+        "GET",
+        "/health",
+        &[],
+        cloudlet_testkit::http::Body::None,
     );
+    assert!(plain.map(|r| r.status != 200).unwrap_or(true));
+    let identity = vm.https(
+        "sharing",
+        "GET",
+        "/api/identity",
+        &[],
+        cloudlet_testkit::http::Body::None,
+    )?;
+    let (_, name) = vm.tls()?;
+    let id: serde_json::Value = serde_json::from_slice(&identity.body)?;
+    let box_id = id["box_id"].as_str().unwrap_or_default();
+    assert_eq!(
+        name,
+        format!("{}.cloudlet", box_id.replace('-', "")),
+        "{id}"
+    );
+    let logs = vm.sh("cloudlet service logs sharing")?;
+    assert!(logs.contains(&format!("box_id={box_id}")), "{logs}");
     // A service user may ask the registry but not change it.
     let refused = vm
         .sh("busybox su -s /bin/sh storage -c 'cloudletd sharing add-device x' 2>&1; echo rc=$?")?;

@@ -2,17 +2,39 @@
 //! forward survive the whole machine losing power mid-upload.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use cloudlet_testkit::http::{request, Body};
+use cloudlet_testkit::http::{request_tls, Body, Response};
 use cloudlet_testkit::Rng;
 use cloudlet_tests_qemu::{scaled, BootOptions, Disk, Vm};
 
-fn storage(vm: &mut Vm) -> Result<(SocketAddr, String)> {
-    let token = vm.token()?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], vm.ports["storage"]));
-    Ok((addr, format!("Bearer {token}")))
+/// How a client reaches storage on the box: over TLS, pinning the box.
+#[derive(Clone)]
+struct Storage {
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    name: String,
+    auth: String,
+}
+
+impl Storage {
+    fn of(vm: &mut Vm) -> Result<Storage> {
+        let token = vm.token()?;
+        let (tls, name) = vm.tls()?;
+        Ok(Storage {
+            addr: SocketAddr::from(([127, 0, 0, 1], vm.ports["storage"])),
+            tls,
+            name,
+            auth: format!("Bearer {token}"),
+        })
+    }
+
+    fn request(&self, method: &str, path: &str, body: Body<'_>) -> std::io::Result<Response> {
+        let h = [("Authorization", self.auth.as_str())];
+        request_tls(self.addr, &self.tls, &self.name, method, path, &h, body)
+    }
 }
 
 /// Kills QEMU at a random moment while a client uploads, twice, and checks
@@ -27,15 +49,14 @@ fn pulling_the_power_mid_upload_loses_no_acknowledged_file() -> Result<()> {
     for round in 0..3 {
         let mut vm = Vm::boot(&disk, &BootOptions::default())?;
         vm.wait_ready()?;
-        let (addr, auth) = storage(&mut vm)?;
-        let h = [("Authorization", auth.as_str())];
+        let storage = Storage::of(&mut vm)?;
         for (p, want) in &acked {
-            let g = request(addr, "GET", p, &h, Body::None)?;
+            let g = storage.request("GET", p, Body::None)?;
             assert_eq!(g.status, 200, "round {round}: acknowledged {p} lost");
             assert_eq!(blake3::hash(&g.body), *want, "round {round}: {p} damaged");
         }
         for (p, want) in in_flight.drain(..) {
-            let g = request(addr, "GET", &p, &h, Body::None)?;
+            let g = storage.request("GET", &p, Body::None)?;
             match g.status {
                 200 => assert_eq!(blake3::hash(&g.body), want, "round {round}: {p} partial"),
                 s => assert_eq!(s, 404, "round {round}: {p}"),
@@ -48,7 +69,7 @@ fn pulling_the_power_mid_upload_loses_no_acknowledged_file() -> Result<()> {
         }
         let (tx, rx) = std::sync::mpsc::channel::<(String, blake3::Hash, bool)>();
         let seed = r.next_u64() | 1;
-        let auth2 = auth.clone();
+        let client = storage.clone();
         let writer = std::thread::spawn(move || {
             let mut r = Rng(seed);
             for i in 0.. {
@@ -63,14 +84,9 @@ fn pulling_the_power_mid_upload_loses_no_acknowledged_file() -> Result<()> {
                 if tx.send((path.clone(), h, false)).is_err() {
                     return;
                 }
-                let ok = request(
-                    addr,
-                    "PUT",
-                    &path,
-                    &[("Authorization", &auth2)],
-                    Body::Bytes(&data),
-                )
-                .is_ok_and(|resp| resp.status == 201);
+                let ok = client
+                    .request("PUT", &path, Body::Bytes(&data))
+                    .is_ok_and(|resp| resp.status == 201);
                 if !ok || tx.send((path, h, true)).is_err() {
                     return;
                 }

@@ -14,6 +14,8 @@ pub enum ErrorClass {
     Network = 4,
     /// An update failed.
     Update = 5,
+    /// Pairing failed (two devices at once, or wrong codes).
+    Pairing = 6,
 }
 
 /// What the box is doing, as the LEDs show it.

@@ -29,7 +29,7 @@ CLOUDLET_CRATES_EXTRA_DOWNLOADS = \
 HOST_CLOUDLET_CRATES_EXTRA_DOWNLOADS = $(CLOUDLET_CRATES_EXTRA_DOWNLOADS)
 
 # Every licence the crates declare (written by scripts/vendor-crates):
-CLOUDLET_CRATES_LICENSE = (MIT OR Apache-2.0) AND Unicode-3.0, Apache-2.0, Apache-2.0 OR MIT, Apache-2.0 OR MIT OR MPL-2.0, Apache-2.0 WITH LLVM-exception OR Apache-2.0 OR MIT, BSD-3-Clause, CC0-1.0 OR Apache-2.0 OR Apache-2.0 WITH LLVM-exception, CC0-1.0 OR MIT-0 OR Apache-2.0, MIT, MIT OR Apache-2.0, MIT OR Apache-2.0 OR BSD-1-Clause, MIT OR Apache-2.0 OR LGPL-2.1-or-later, Unicode-3.0, Unlicense OR MIT
+CLOUDLET_CRATES_LICENSE = (MIT OR Apache-2.0) AND Unicode-3.0, Apache-2.0, Apache-2.0 AND ISC, Apache-2.0 OR ISC OR MIT, Apache-2.0 OR MIT, Apache-2.0 OR MIT OR MPL-2.0, Apache-2.0 WITH LLVM-exception OR Apache-2.0 OR MIT, BSD-3-Clause, CC0-1.0 OR Apache-2.0 OR Apache-2.0 WITH LLVM-exception, CC0-1.0 OR MIT-0 OR Apache-2.0, ISC, MIT, MIT OR Apache-2.0, MIT OR Apache-2.0 OR BSD-1-Clause, MIT OR Apache-2.0 OR LGPL-2.1-or-later, MIT OR BSD-3-Clause, MPL-2.0, Unicode-3.0, Unlicense OR MIT
 # Their licence files, as listed (with their hashes) in cloudlet-crates.hash.
 CLOUDLET_CRATES_LICENSE_FILES := $(shell sed -n \
 	's/^sha256  [0-9a-f]*  \(VENDOR\/.*\)$$/\1/p' \

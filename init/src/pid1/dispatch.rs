@@ -21,6 +21,11 @@ impl Init {
                 }
                 None => no_such_service(&service),
             },
+            Request::Pairing { state } => {
+                tracing::info!(?state, "pairing LED");
+                self.panel_event(crate::panel::Event::Pairing(state));
+                Response::Accepted
+            }
             Request::Restart { service } => match self.sup.index_of(&service) {
                 Some(svc) => {
                     if self.shutdown.is_some() {

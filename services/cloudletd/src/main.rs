@@ -13,9 +13,11 @@ use cloudlet_runtime::ServiceOptions;
 
 const USAGE: &str =
     "usage: cloudletd <storage|sync|sharing|updater> [--listen ADDR:PORT] [--state-dir DIR]
-       cloudletd sharing add-device NAME [owner|device]   (prints the device's id and token)
+       cloudletd sharing add-device NAME [owner|device|box [--key SHA256-OF-ITS-PUBLIC-KEY]]
+                                                   (prints the device's id, and its token if no key)
        cloudletd sharing revoke ID
-       cloudletd sharing devices";
+       cloudletd sharing devices
+       cloudletd sharing press    (the button, for pairing, where there is none: host runs)";
 
 /// Default port of each service on the box.
 fn default_port(service: &str) -> Option<u16> {
@@ -39,8 +41,13 @@ fn parse() -> Result<(String, ServiceOptions), String> {
     let mut opts = ServiceOptions {
         listen: SocketAddr::from(([0, 0, 0, 0], port)),
         state_dir: data.join(&service),
+        plain: false,
     };
     while let Some(a) = args.next() {
+        if a == "--plain" {
+            opts.plain = true;
+            continue;
+        }
         let v = args
             .next()
             .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))?;
@@ -50,6 +57,7 @@ fn parse() -> Result<(String, ServiceOptions), String> {
             _ => return Err(format!("unknown argument {a:?}\n{USAGE}")),
         }
     }
+    opts.check()?;
     Ok((service, opts))
 }
 
@@ -73,22 +81,37 @@ fn owner_command(args: &[String]) -> Result<String, String> {
             e => e.to_string(),
         };
         match args {
-            [cmd, name] if cmd == "add-device" => add(&conn, name, "device").await.map_err(fail),
-            [cmd, name, role] if cmd == "add-device" => add(&conn, name, role).await.map_err(fail),
+            [cmd, name] if cmd == "add-device" => {
+                add(&conn, name, "device", "").await.map_err(fail)
+            }
+            [cmd, name, role] if cmd == "add-device" => {
+                add(&conn, name, role, "").await.map_err(fail)
+            }
+            [cmd, name, role, flag, key] if cmd == "add-device" && flag == "--key" => {
+                add(&conn, name, role, key).await.map_err(fail)
+            }
             [cmd, id] if cmd == "revoke" => call::<_, ()>(&conn, "Revoke", &(id.as_str(),))
                 .await
                 .map(|()| format!("revoked {id}"))
                 .map_err(fail),
             [cmd] if cmd == "devices" => call::<_, String>(&conn, "List", &()).await.map_err(fail),
+            [cmd] if cmd == "press" => call::<_, ()>(&conn, "Press", &())
+                .await
+                .map(|()| "pressed".to_owned())
+                .map_err(fail),
             _ => Err(USAGE.to_owned()),
         }
     })
 }
 
-async fn add(conn: &zbus::Connection, name: &str, role: &str) -> zbus::Result<String> {
+async fn add(conn: &zbus::Connection, name: &str, role: &str, key: &str) -> zbus::Result<String> {
     let (id, token): (String, String) =
-        cloudlet_runtime::registry::call(conn, "AddDevice", &(name, role)).await?;
-    Ok(format!("device {id}\ntoken {token}"))
+        cloudlet_runtime::registry::call(conn, "AddDevice", &(name, role, key)).await?;
+    Ok(if token.is_empty() {
+        format!("device {id}")
+    } else {
+        format!("device {id}\ntoken {token}")
+    })
 }
 
 fn main() -> ExitCode {
@@ -96,7 +119,7 @@ fn main() -> ExitCode {
     if args.first().is_some_and(|a| a == "sharing")
         && args
             .get(1)
-            .is_some_and(|a| matches!(a.as_str(), "add-device" | "revoke" | "devices"))
+            .is_some_and(|a| matches!(a.as_str(), "add-device" | "revoke" | "devices" | "press"))
     {
         return match owner_command(args.get(1..).unwrap_or_default()) {
             Ok(out) => {

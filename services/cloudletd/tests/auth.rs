@@ -121,6 +121,8 @@ async fn every_private_route_of_every_service_refuses_unpaired_and_revoked_devic
     let devices = cloudlet_sharing::Devices {
         registry: p.registry.clone(),
         notifier: p.notifier.clone(),
+        identity: None,
+        pairing: None,
     };
     check(
         "sharing",

@@ -18,6 +18,7 @@ mod limits;
 pub mod registry;
 pub mod router;
 pub mod stall;
+pub mod tls;
 
 pub use body::{BodyError, IdleTimeout, RequestBody};
 pub use limits::{
@@ -169,12 +170,21 @@ where
     F: Future<Output = Response<B>> + Send + 'static,
     B: ResponseBody,
 {
-    serve_with(addr, Limits::default(), handler, shutdown, grace).await
+    serve_with(
+        addr,
+        Transport::Plain,
+        Limits::default(),
+        handler,
+        shutdown,
+        grace,
+    )
+    .await
 }
 
 /// [`serve`] with the given limits.
 pub async fn serve_with<H, F, B>(
     addr: SocketAddr,
+    transport: Transport,
     limits: Limits,
     handler: H,
     shutdown: impl Future<Output = ()>,
@@ -186,9 +196,10 @@ where
     B: ResponseBody,
 {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let tls = matches!(transport, Transport::Tls(_));
+    tracing::info!(addr = %listener.local_addr()?, tls, "listening");
     notify_ready()?;
-    serve_listener_with(listener, limits, handler, shutdown, grace).await
+    serve_listener_on(listener, transport, limits, handler, shutdown, grace).await
 }
 
 /// [`serve`] on a listener the caller bound (tests bind port 0).
@@ -206,13 +217,96 @@ where
     serve_listener_with(listener, Limits::default(), handler, shutdown, grace).await
 }
 
-/// The server loop: [`serve_listener`] with the given limits.
+/// [`serve_listener_on`] in plain HTTP.
+pub async fn serve_listener_with<H, F, B>(
+    listener: TcpListener,
+    limits: Limits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
+    serve_listener_on(listener, Transport::Plain, limits, handler, shutdown, grace).await
+}
+
+/// How a listener's connections are carried.
+#[derive(Clone)]
+pub enum Transport {
+    /// Plain HTTP: tests, and host runs on loopback (`--plain`).
+    Plain,
+    /// HTTPS with this configuration ([`tls::server_config`]).
+    Tls(Arc<rustls::ServerConfig>),
+}
+
+/// What a TLS connection knows of its client, put in each request's
+/// extensions as [`auth::PeerKey`] and [`tls::SessionBinding`].
+#[derive(Clone)]
+struct TlsPeer {
+    key: Option<String>,
+    binding: Option<tls::SessionBinding>,
+}
+
+/// One accepted connection, served by its own task.
+struct Conn<H> {
+    handler: Arc<H>,
+    body_idle_timeout: Duration,
+    http: hyper::server::conn::http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    cut: CancellationToken,
+    peer: SocketAddr,
+}
+
+impl<H> Conn<H> {
+    async fn serve<IO, F, B>(self, io: IO, tls: Option<TlsPeer>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: ResponseBody,
+    {
+        let Conn {
+            handler,
+            body_idle_timeout,
+            http,
+            watcher,
+            cut,
+            peer,
+        } = self;
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let h = handler.clone();
+            let mut req = req.map(|b| IdleTimeout::new(b, body_idle_timeout));
+            if let Some(t) = &tls {
+                if let Some(k) = &t.key {
+                    req.extensions_mut().insert(auth::PeerKey(k.clone()));
+                }
+                if let Some(b) = t.binding {
+                    req.extensions_mut().insert(b);
+                }
+            }
+            async move { Ok::<_, Infallible>(h(req).await) }
+        });
+        let conn = watcher.watch(http.serve_connection(TokioIo::new(io), svc));
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection");
+            },
+            _ = cut.cancelled() => tracing::debug!(%peer, "connection cut at shutdown"),
+        }
+    }
+}
+
+/// The server loop: plain HTTP or TLS (`transport`), with the given limits.
 ///
 /// On `shutdown` it stops accepting, closes idle keep-alive connections at
 /// once, lets requests in flight finish (their connections close after the
 /// answer) for up to `grace`, then cuts what is still open.
-pub async fn serve_listener_with<H, F, B>(
+pub async fn serve_listener_on<H, F, B>(
     listener: TcpListener,
+    transport: Transport,
     limits: Limits,
     handler: H,
     shutdown: impl Future<Output = ()>,
@@ -275,22 +369,41 @@ where
         // and a small body in two writes must not wait on Nagle and the
         // peer's delayed ACK (40 ms per small file otherwise).
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let body_idle_timeout = limits.body_idle_timeout;
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let h = handler.clone();
-            let req = req.map(|b| IdleTimeout::new(b, body_idle_timeout));
-            async move { Ok::<_, Infallible>(h(req).await) }
-        });
         let stream = stall::WriteStall::new(stream, limits.write_stall_timeout);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-        let cut = cut.clone();
+        let conn = Conn {
+            handler: handler.clone(),
+            body_idle_timeout: limits.body_idle_timeout,
+            http: http.clone(),
+            watcher: graceful.watcher(),
+            cut: cut.clone(),
+            peer,
+        };
+        let tls = match &transport {
+            Transport::Plain => None,
+            Transport::Tls(config) => Some((
+                tokio_rustls::TlsAcceptor::from(config.clone()),
+                limits.header_read_timeout,
+            )),
+        };
         tasks.spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "connection");
-                },
-                _ = cut.cancelled() => tracing::debug!(%peer, "connection cut at shutdown"),
+            match tls {
+                None => conn.serve(stream, None).await,
+                Some((acceptor, deadline)) => {
+                    // The handshake is held to the header deadline: a client
+                    // that starts one and stalls is a slowloris too.
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let (_, session) = tls.get_ref();
+                            let who = TlsPeer {
+                                key: tls::peer_key(session),
+                                binding: tls::session_binding(session),
+                            };
+                            conn.serve(tls, Some(who)).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
@@ -744,6 +857,22 @@ pub struct ServiceOptions {
     pub listen: SocketAddr,
     /// The service's own directory under /data.
     pub state_dir: std::path::PathBuf,
+    /// Plain HTTP instead of TLS: only on a loopback address (host runs
+    /// and tests with clients that cannot be given the box's certificate).
+    pub plain: bool,
+}
+
+impl ServiceOptions {
+    /// Refuses plain HTTP anywhere but on loopback.
+    pub fn check(&self) -> Result<(), String> {
+        if self.plain && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--plain serves without TLS, so only on a loopback address, not {}",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The usual life of a service: check its state directory, raise the
@@ -756,7 +885,11 @@ pub struct ServiceOptions {
 /// ([`Limits::body_idle_timeout`]). Tests set them to see a timeout fire
 /// without waiting for the real one; a value that does not parse stops the
 /// service ([`LimitsError`]).
-pub async fn run_service<H, F, B>(opts: ServiceOptions, handler: H) -> std::io::Result<()>
+pub async fn run_service<H, F, B>(
+    opts: ServiceOptions,
+    transport: Transport,
+    handler: H,
+) -> std::io::Result<()>
 where
     H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
@@ -780,6 +913,7 @@ where
     }
     serve_with(
         opts.listen,
+        transport,
         limits,
         handler,
         shutdown_signal(),
@@ -796,8 +930,9 @@ pub async fn run_routed(
     routes: impl FnOnce(std::sync::Arc<dyn auth::Authenticator>) -> router::Router,
 ) -> std::io::Result<()> {
     let auth = registry::RegistryAuth::start_and_wait(registry::socket_path()).await;
+    let transport = auth.transport(&opts).await?;
     let router = std::sync::Arc::new(routes(std::sync::Arc::new(auth)));
-    run_service(opts, move |req| {
+    run_service(opts, transport, move |req| {
         let router = router.clone();
         async move { router.handle(req).await }
     })

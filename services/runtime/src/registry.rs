@@ -78,6 +78,14 @@ where
     reply.body().deserialize::<R>()
 }
 
+/// A fresh TLS key and its certificate chain (service certificate, box
+/// identity), from the registry's `IssueTlsCert`.
+pub async fn issue_tls(conn: &zbus::Connection) -> std::io::Result<(Vec<Vec<u8>>, Vec<u8>)> {
+    call::<_, (Vec<Vec<u8>>, Vec<u8>)>(conn, "IssueTlsCert", &())
+        .await
+        .map_err(|e| std::io::Error::other(format!("no TLS certificate from the registry: {e}")))
+}
+
 #[derive(Default)]
 struct Inner {
     conn: Option<zbus::Connection>,
@@ -123,6 +131,26 @@ impl RegistryAuth {
             tracing::warn!(socket = %socket.display(), "the device registry is not reachable yet: requests get 503 until it is");
         }
         auth
+    }
+
+    /// How the service is to serve: TLS with a fresh key certified by the
+    /// box's identity (asked of the registry), or plain HTTP when the
+    /// options say so (loopback only, checked by [`ServiceOptions::check`]).
+    pub async fn transport(
+        &self,
+        opts: &crate::ServiceOptions,
+    ) -> std::io::Result<crate::Transport> {
+        opts.check().map_err(std::io::Error::other)?;
+        if opts.plain {
+            tracing::warn!(listen = %opts.listen, "plain HTTP on loopback, no TLS (--plain)");
+            return Ok(crate::Transport::Plain);
+        }
+        let conn = lock(&self.inner).conn.clone().ok_or_else(|| {
+            std::io::Error::other("no TLS certificate: the device registry is not reachable")
+        })?;
+        let (chain, key) = issue_tls(&conn).await?;
+        let config = crate::tls::server_config(chain, key).map_err(std::io::Error::other)?;
+        Ok(crate::Transport::Tls(config))
     }
 
     /// Waits (up to `timeout`) until the registry is connected.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use cloudlet_runtime::registry::{INTERFACE, PATH};
 use zbus::fdo;
 
+use crate::identity::Identity;
 use crate::registry::{NewDevice, PairedHow, Registry, RegistryError, Role};
 
 /// Tells every connected service that the registry changed.
@@ -60,12 +61,38 @@ impl Notifier {
     }
 }
 
+/// What the bus serves from.
+#[derive(Clone)]
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub notifier: Arc<Notifier>,
+    pub identity: Arc<Identity>,
+    pub pairing: Arc<crate::pair::Pairing>,
+}
+
 /// One peer's view of the interface: what it may do depends on its user.
 struct Iface {
     registry: Arc<Registry>,
     notifier: Arc<Notifier>,
+    identity: Arc<Identity>,
+    pairing: Arc<crate::pair::Pairing>,
     /// The peer may change the registry.
     admin: bool,
+    /// The peer is a service of the box, which may get a TLS certificate.
+    service: bool,
+}
+
+/// The users that run the box's services (and may get TLS certificates in
+/// the box's name): root, this service's own user, and the users of the
+/// other network services.
+fn service_uids() -> Vec<u32> {
+    let mut uids = vec![0, nix::unistd::geteuid().as_raw()];
+    for name in ["storage", "sync", "updater"] {
+        if let Ok(Some(u)) = nix::unistd::User::from_name(name) {
+            uids.push(u.uid.as_raw());
+        }
+    }
+    uids
 }
 
 fn failed(e: RegistryError) -> fdo::Error {
@@ -119,19 +146,35 @@ impl Iface {
         })
     }
 
-    /// Pairs a device by hand (root only) and returns its id and token.
-    async fn add_device(&self, name: String, role: String) -> fdo::Result<(String, String)> {
+    /// Pairs a device by hand (root only): by its key (the SHA-256 of its
+    /// public key, hex) when `key` is not empty, else with a new token.
+    /// Returns its id and its token (empty for a key).
+    async fn add_device(
+        &self,
+        name: String,
+        role: String,
+        key: String,
+    ) -> fdo::Result<(String, String)> {
         self.need_admin()?;
         let role = Role::parse(&role)
             .ok_or_else(|| fdo::Error::InvalidArgs(format!("unknown role {role:?}")))?;
+        let key = if key.is_empty() {
+            None
+        } else if key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Some(key.to_ascii_lowercase())
+        } else {
+            return Err(fdo::Error::InvalidArgs(
+                "a key is the SHA-256 of the device's public key: 64 hex digits".into(),
+            ));
+        };
         let (device, token) = self
             .blocking(move |r| {
                 r.add(NewDevice {
                     name,
                     role,
                     how: PairedHow::Local,
-                    key: None,
-                    token: true,
+                    token: key.is_none(),
+                    key,
                 })
             })
             .await?;
@@ -146,6 +189,32 @@ impl Iface {
         let gone = self.blocking(move |r| r.remove(&id)).await?;
         tracing::info!(device = %gone.id, name = %gone.name, "device revoked on the box");
         self.notifier.changed(&gone.id).await;
+        Ok(())
+    }
+
+    /// A fresh TLS key for the calling service and its certificate chain
+    /// (its certificate, then the box's identity certificate), signed by
+    /// the identity. Only the box's services may ask.
+    async fn issue_tls_cert(&self) -> fdo::Result<(Vec<Vec<u8>>, Vec<u8>)> {
+        if !self.service {
+            return Err(fdo::Error::AccessDenied(
+                "only the box's services get certificates in its name".into(),
+            ));
+        }
+        let identity = self.identity.clone();
+        tokio::task::spawn_blocking(move || identity.issue(&crate::identity::host_names()))
+            .await
+            .map_err(|e| fdo::Error::Failed(e.to_string()))?
+            .map_err(|e| fdo::Error::Failed(e.to_string()))
+    }
+
+    /// Presses the box's button, as far as pairing is concerned (root
+    /// only): for host runs and tests, which have no button. Root on the
+    /// box can pair a device directly anyway.
+    async fn press(&self) -> fdo::Result<()> {
+        self.need_admin()?;
+        tracing::info!("button press from the bus (cloudletd sharing press)");
+        self.pairing.press().await;
         Ok(())
     }
 
@@ -175,13 +244,9 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 }
 
 /// Serves the registry to every peer that connects, until the task ends.
-pub async fn serve(
-    listener: tokio::net::UnixListener,
-    socket: PathBuf,
-    registry: Arc<Registry>,
-    notifier: Arc<Notifier>,
-) {
+pub async fn serve(listener: tokio::net::UnixListener, socket: PathBuf, shared: Shared) {
     let own = nix::unistd::geteuid().as_raw();
+    let services = service_uids();
     tracing::info!(socket = %socket.display(), "registry on the bus");
     loop {
         let stream = match listener.accept().await {
@@ -200,11 +265,14 @@ pub async fn serve(
             }
         };
         let iface = Iface {
-            registry: registry.clone(),
-            notifier: notifier.clone(),
+            registry: shared.registry.clone(),
+            notifier: shared.notifier.clone(),
+            identity: shared.identity.clone(),
+            pairing: shared.pairing.clone(),
             admin: uid == 0 || uid == own,
+            service: services.contains(&uid),
         };
-        let notifier = notifier.clone();
+        let notifier = shared.notifier.clone();
         // The handshake runs on its own, so one slow peer holds up nobody.
         tokio::spawn(async move {
             let built = async {

@@ -4,13 +4,17 @@
 //! owner's device list (`/api/devices`). Share links arrive with the
 //! sharing issue.
 
+pub mod announce;
 pub mod bus;
+pub mod identity;
+pub mod pair;
+pub mod pairing;
 pub mod registry;
 
 use cloudlet_proto::control::{self, ClockSource, Request, Response, Status};
 use cloudlet_runtime::auth::{AuthError, Authenticator, CheckFuture, Identity, Presented};
 use cloudlet_runtime::router::{Params, RoutedBody, Router};
-use cloudlet_runtime::{health, json, text, Body, ServiceOptions};
+use cloudlet_runtime::{health, json, text, Body, ServiceOptions, Transport};
 use hyper::{Method, StatusCode};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -187,11 +191,13 @@ impl Authenticator for LocalAuth {
     }
 }
 
-/// The registry and who to tell when it changes.
+/// The registry, who to tell when it changes, and the box's identity.
 #[derive(Clone)]
 pub struct Devices {
     pub registry: Arc<Registry>,
     pub notifier: Arc<bus::Notifier>,
+    pub identity: Option<Arc<identity::Identity>>,
+    pub pairing: Option<Arc<pair::Pairing>>,
 }
 
 fn who(req: &hyper::Request<RoutedBody>) -> Option<&Identity> {
@@ -213,7 +219,7 @@ fn registry_error(e: RegistryError) -> hyper::Response<Body> {
     json(status, &serde_json::json!({"error": e.to_string()}))
 }
 
-fn owners_only() -> hyper::Response<Body> {
+pub(crate) fn owners_only() -> hyper::Response<Body> {
     json(
         StatusCode::FORBIDDEN,
         &serde_json::json!({"error": "only an owner device may do this"}),
@@ -309,7 +315,48 @@ pub fn routes(auth: Arc<dyn Authenticator>, devices: Option<Devices>) -> Router 
         .route(Method::GET, "/", |_, _| status_page())
         .route(Method::GET, "/api/status", |_, _| status_json());
     let Some(d) = devices else { return r };
-    let (list, revoke, rename) = (d.clone(), d.clone(), d);
+    let (list, revoke, rename) = (d.clone(), d.clone(), d.clone());
+    let r = match d.pairing.clone() {
+        Some(p) => {
+            let (ask, state, approve) = (p.clone(), p.clone(), p);
+            // Public: the one door for a device that is not paired yet. It
+            // pairs nothing without the button (and an owner, once there is
+            // one), and needs TLS with the device's own certificate.
+            r.public(Method::POST, "/pair", move |req, _| {
+                let p = ask.clone();
+                async move { p.request(req).await }
+            })
+            .body_limit(pair::PAIR_BODY_LIMIT)
+            .route(Method::GET, "/api/pairing", move |req, _| {
+                let p = state.clone();
+                async move { p.state(who(&req)) }
+            })
+            .route(Method::POST, "/api/pairing/approve", move |req, _| {
+                let p = approve.clone();
+                async move { p.approve(req).await }
+            })
+        }
+        None => r,
+    };
+    let r = match d.identity {
+        // Public: the box's identity certificate is what every TLS handshake
+        // shows anyway; a person installs it in a browser from here, and a
+        // client still checks it against the box ID it was told.
+        Some(id) => r.public(Method::GET, "/api/identity", move |_, _| {
+            let id = id.clone();
+            async move {
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "box_id": id.box_id,
+                        "key": id.key_hash,
+                        "certificate": id.cert_pem(),
+                    }),
+                )
+            }
+        }),
+        None => r,
+    };
     r.route(Method::GET, "/api/devices", move |req, _| {
         let d = list.clone();
         async move { d.list(req).await }
@@ -324,34 +371,82 @@ pub fn routes(auth: Arc<dyn Authenticator>, devices: Option<Devices>) -> Router 
     })
 }
 
-/// Runs the service: the registry in its state directory, on the bus at
-/// `$CLOUDLET_REGISTRY_SOCKET` (default [`cloudlet_runtime::registry::DEFAULT_SOCKET`]),
-/// and the web UI.
+/// Runs the service: the box's identity and the registry in its state
+/// directory, the registry on the bus at `$CLOUDLET_REGISTRY_SOCKET`
+/// (default [`cloudlet_runtime::registry::DEFAULT_SOCKET`]), and the web UI
+/// over TLS with a certificate from the identity.
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
+    opts.check().map_err(std::io::Error::other)?;
     cloudlet_runtime::check_state_dir(&opts.state_dir)?;
     let dir = opts.state_dir.clone();
-    let registry = tokio::task::spawn_blocking(move || Registry::open(&dir))
-        .await
-        .map_err(std::io::Error::other)?
-        .map_err(std::io::Error::other)?;
+    let (registry, identity) = tokio::task::spawn_blocking(move || {
+        let r = Registry::open(&dir).map_err(std::io::Error::other)?;
+        let i = identity::Identity::load_or_create(&dir).map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>((r, i))
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    tracing::info!(box_id = %identity.box_id, key = %identity.key_hash, "box identity");
     let registry = Arc::new(registry);
+    let identity = Arc::new(identity);
     let notifier = Arc::new(bus::Notifier::default());
+    let pairing = pair::Pairing::new(
+        control_socket(),
+        registry.clone(),
+        notifier.clone(),
+        identity.clone(),
+    );
+    tokio::spawn(pairing.clone().timer());
+    tokio::spawn(pairing.clone().follow_button(control_socket()));
     let socket = cloudlet_runtime::registry::socket_path();
     // Bound before the service reports ready: the others find it there.
     let listener = bus::bind(&socket)?;
     tokio::spawn(bus::serve(
         listener,
         socket,
-        registry.clone(),
-        notifier.clone(),
+        bus::Shared {
+            registry: registry.clone(),
+            notifier: notifier.clone(),
+            identity: identity.clone(),
+            pairing: pairing.clone(),
+        },
     ));
+    let transport = if opts.plain {
+        tracing::warn!(listen = %opts.listen, "plain HTTP on loopback, no TLS (--plain)");
+        Transport::Plain
+    } else {
+        let (chain, key) = identity
+            .issue(&identity::host_names())
+            .map_err(std::io::Error::other)?;
+        Transport::Tls(
+            cloudlet_runtime::tls::server_config(chain, key).map_err(std::io::Error::other)?,
+        )
+    };
+    let mdns = announce::start(&announce::Announcement {
+        box_id: &identity.box_id,
+        key_hash: &identity.key_hash,
+        web: opts.listen,
+    });
     let auth: Arc<dyn Authenticator> = Arc::new(LocalAuth(registry.clone()));
-    let router = Arc::new(routes(auth, Some(Devices { registry, notifier })));
-    cloudlet_runtime::run_service(opts, move |req| {
+    let router = Arc::new(routes(
+        auth,
+        Some(Devices {
+            registry,
+            notifier,
+            identity: Some(identity),
+            pairing: Some(pairing),
+        }),
+    ));
+    let served = cloudlet_runtime::run_service(opts, transport, move |req| {
         let router = router.clone();
         async move { router.handle(req).await }
     })
-    .await
+    .await;
+    // Says goodbye on the LAN, so browsers forget the box at once.
+    if let Some(m) = mdns {
+        let _ = m.shutdown();
+    }
+    served
 }
 
 #[cfg(test)]

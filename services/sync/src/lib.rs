@@ -267,12 +267,12 @@ fn reshape(r: Response<AnyBody>) -> Response<AnyBody> {
 
 pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
     std::fs::create_dir_all(&opts.state_dir)?;
-    let auth: Arc<dyn Authenticator> = Arc::new(
-        cloudlet_runtime::registry::RegistryAuth::start_and_wait(
-            cloudlet_runtime::registry::socket_path(),
-        )
-        .await,
-    );
+    let registry = cloudlet_runtime::registry::RegistryAuth::start_and_wait(
+        cloudlet_runtime::registry::socket_path(),
+    )
+    .await;
+    let transport = registry.transport(&opts).await?;
+    let auth: Arc<dyn Authenticator> = Arc::new(registry);
     let dir = opts.state_dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
@@ -280,7 +280,7 @@ pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
         .map_err(std::io::Error::other)?;
     let api = Arc::new(Api::new(store).map_err(std::io::Error::other)?);
     let router = Arc::new(routes_with(auth, api));
-    cloudlet_runtime::run_service(opts, move |req| {
+    cloudlet_runtime::run_service(opts, transport, move |req| {
         let router = router.clone();
         async move { handle(&router, req).await }
     })

@@ -115,11 +115,13 @@ fn wait_listening(addr: SocketAddr) -> Result<()> {
 
 fn start_cloudlet(bin: &Path, data: &Path) -> Result<Server> {
     // The registry first (the sharing service), and a device paired in it
-    // by the owner command, as a host run does.
+    // by the owner command, as a host run does. Plain HTTP on loopback, as
+    // rclone's server is measured: these figures compare storage engines
+    // and leave TLS out.
     let socket = data.join("registry.sock");
     let sharing_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let registry = Command::new(bin)
-        .args(["sharing", "--listen", &sharing_addr.to_string()])
+        .args(["sharing", "--listen", &sharing_addr.to_string(), "--plain"])
         .env("CLOUDLET_DATA", data)
         .env("CLOUDLET_REGISTRY_SOCKET", &socket)
         .env("RUST_LOG", "warn")
@@ -138,7 +140,7 @@ fn start_cloudlet(bin: &Path, data: &Path) -> Result<Server> {
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let child = Command::new(bin)
-        .args(["storage", "--listen", &addr.to_string()])
+        .args(["storage", "--listen", &addr.to_string(), "--plain"])
         .env("CLOUDLET_DATA", data)
         .env("CLOUDLET_REGISTRY_SOCKET", &socket)
         .env("RUST_LOG", "warn")

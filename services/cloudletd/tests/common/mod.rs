@@ -73,7 +73,7 @@ pub fn registry(data: &Path) -> Arc<Registry> {
     }
     let socket = data.join("registry.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-        .args(["sharing", "--listen", "127.0.0.1:0"])
+        .args(["sharing", "--listen", "127.0.0.1:0", "--plain"])
         .env("CLOUDLET_DATA", data)
         .env("CLOUDLET_REGISTRY_SOCKET", &socket)
         .stderr(Stdio::piped())
@@ -83,7 +83,11 @@ pub fn registry(data: &Path) -> Arc<Registry> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(a) = line.split("addr=").nth(1) {
+            if let Some(a) = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next())
+            {
                 let _ = tx.send(a.trim().to_owned());
             }
         }
@@ -130,7 +134,21 @@ pub struct Spawned {
 /// Starts `cloudletd SERVICE` with its state under `data`, the extra
 /// environment `env`, and (if given) at most `open_files` descriptors to
 /// start with, as a box's default of 1024 would be.
+#[allow(dead_code)]
 pub fn spawn(service: &str, data: &Path, env: &[(&str, &str)], open_files: Option<u64>) -> Spawned {
+    spawn_with(service, data, env, open_files, false)
+}
+
+#[allow(dead_code)]
+/// [`spawn`], over TLS when `tls` (else plain HTTP on loopback, `--plain`,
+/// for clients that cannot be given the box's certificate).
+pub fn spawn_with(
+    service: &str,
+    data: &Path,
+    env: &[(&str, &str)],
+    open_files: Option<u64>,
+    tls: bool,
+) -> Spawned {
     let mut cmd = match open_files {
         // A shell lowers the limit, then becomes the service (same pid).
         Some(n) => {
@@ -145,6 +163,7 @@ pub fn spawn(service: &str, data: &Path, env: &[(&str, &str)], open_files: Optio
     let registry = registry(data);
     let mut child = cmd
         .args([service, "--listen", "127.0.0.1:0"])
+        .args((!tls).then_some("--plain"))
         .env("CLOUDLET_DATA", data)
         .env("CLOUDLET_REGISTRY_SOCKET", &registry.socket)
         .envs(env.iter().copied())
@@ -157,7 +176,11 @@ pub fn spawn(service: &str, data: &Path, env: &[(&str, &str)], open_files: Optio
     let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(a) = line.split("addr=").nth(1) {
+            if let Some(a) = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next())
+            {
                 let _ = tx.send(a.trim().to_owned());
             }
             lines.lock().unwrap().push(line);

@@ -1,0 +1,483 @@
+//! The `cloudlet` command on a PC: its own key, the boxes it pinned, and
+//! HTTPS to them (hyper over rustls).
+//!
+//! Kept in the user's config directory (`directories`; `$CLOUDLET_CONFIG_DIR`
+//! moves it), each file 0600:
+//!
+//!     device.key     this device's ECDSA P-256 key (PKCS#8 DER)
+//!     device.crt     its self-signed certificate (DER): what the box pairs
+//!     boxes.json     box ID -> address, the box's identity certificate
+//!                    (base64 DER), its key's SHA-256, our device id there
+//!
+//! Pairing ([`pair`]) meets a box it does not know yet: it accepts the
+//! certificate chain the box shows if it hangs together (the service's
+//! certificate signed by the identity, for the box ID's name), shows the
+//! box ID and the six-digit code of the session, and keeps the identity once
+//! the box says yes. After that every call pins that identity and presents
+//! the device's certificate.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use cloudlet_runtime::tls;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+
+/// The sharing service's port (pairing, devices) unless the address says.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// A box this device paired with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinnedBox {
+    /// Where it answered, `HOST:PORT`.
+    pub addr: String,
+    /// Its identity certificate, base64 DER.
+    pub identity: String,
+    /// SHA-256 of its identity key.
+    pub key: String,
+    /// Our device id on it, and our role there.
+    pub device: String,
+    pub role: String,
+}
+
+pub struct Config {
+    dir: PathBuf,
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io_err("writing", &tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io_err("writing", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err("writing", path, e))
+}
+
+impl Config {
+    /// `$CLOUDLET_CONFIG_DIR`, else the user's config directory for cloudlet.
+    pub fn open() -> Result<Config, String> {
+        let dir = match std::env::var_os("CLOUDLET_CONFIG_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => directories::ProjectDirs::from("", "", "cloudlet")
+                .ok_or("no home directory to keep this device's key in")?
+                .config_dir()
+                .to_owned(),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| io_err("making", &dir, e))?;
+        Ok(Config { dir })
+    }
+
+    /// This device's certificate and key, made on first use.
+    pub fn device(&self) -> Result<(CertificateDer<'static>, Vec<u8>), String> {
+        let (crt, key) = (self.dir.join("device.crt"), self.dir.join("device.key"));
+        if let (Ok(c), Ok(k)) = (std::fs::read(&crt), std::fs::read(&key)) {
+            return Ok((CertificateDer::from(c), k));
+        }
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| e.to_string())?;
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "device".into());
+        let cert = rcgen::CertificateParams::new(vec![host])
+            .and_then(|p| p.self_signed(&pair))
+            .map_err(|e| e.to_string())?;
+        write_private(&key, &pair.serialize_der())?;
+        write_private(&crt, cert.der())?;
+        Ok((cert.der().clone(), pair.serialize_der()))
+    }
+
+    pub fn boxes(&self) -> Result<BTreeMap<String, PinnedBox>, String> {
+        let p = self.dir.join("boxes.json");
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(io_err("reading", &p, e)),
+        }
+    }
+
+    fn save_boxes(&self, boxes: &BTreeMap<String, PinnedBox>) -> Result<(), String> {
+        let text = serde_json::to_vec_pretty(boxes).map_err(|e| e.to_string())?;
+        write_private(&self.dir.join("boxes.json"), &text)
+    }
+
+    /// The box named by `which` (a box ID, or none when exactly one is paired).
+    pub fn pinned(&self, which: Option<&str>) -> Result<(String, PinnedBox), String> {
+        let boxes = self.boxes()?;
+        match which {
+            Some(id) => boxes
+                .get(id)
+                .cloned()
+                .map(|b| (id.to_owned(), b))
+                .ok_or_else(|| {
+                    format!("no box {id} is paired with this device: run `cloudlet pair` first")
+                }),
+            None => {
+                let mut it = boxes.into_iter();
+                match (it.next(), it.next()) {
+                    (Some(one), None) => Ok(one),
+                    (None, _) => {
+                        Err("this device is paired with no box: run `cloudlet pair HOST`".into())
+                    }
+                    _ => Err(
+                        "this device is paired with several boxes: say which with --box ID".into(),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// The chain a box showed on first contact, kept to pin its identity.
+#[derive(Debug, Default)]
+struct Seen(Mutex<Option<(String, CertificateDer<'static>)>>);
+
+/// First contact: accepts a chain that hangs together (a certificate for
+/// the box ID's name, signed by the identity the chain ends with), and
+/// keeps that identity. What it proves is only that the box holds that
+/// key: whether it is the right box is what the person checks (the box ID,
+/// the code, the button).
+#[derive(Debug)]
+struct FirstContact {
+    seen: Arc<Seen>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for FirstContact {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let bad = || rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding);
+        let identity = intermediates.last().ok_or_else(bad)?.clone().into_owned();
+        let spki = tls::spki_of(&identity).ok_or_else(bad)?;
+        let box_id = tls::box_id(&spki);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(identity.clone())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let name = ServerName::try_from(tls::box_dns_name(&box_id)).map_err(|_| bad())?;
+        let ok = inner.verify_server_cert(end_entity, &[], &name, ocsp, now)?;
+        if let Ok(mut s) = self.seen.0.lock() {
+            *s = Some((box_id, identity));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn with_port(addr: &str) -> String {
+    if addr
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !addr.ends_with(']')
+    {
+        addr.to_owned()
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    }
+}
+
+/// One HTTPS connection to a box, with this device's certificate.
+struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+    /// The session's pairing code.
+    code: String,
+}
+
+async fn connect(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    server_name: String,
+) -> Result<Conn, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    let name = ServerName::try_from(server_name.clone()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {addr}: {e}"))?;
+    let exported = tls
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], tls::PAIRING_EXPORTER_LABEL, None)
+        .map_err(|e| e.to_string())?;
+    let n = u32::from_be_bytes([exported[0], exported[1], exported[2], exported[3]]) % 1_000_000;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Conn {
+        sender,
+        host: server_name,
+        code: format!("{n:06}"),
+    })
+}
+
+impl Conn {
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| e.to_string())?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+}
+
+fn client_config(
+    cfg: &Config,
+    verifier: Option<Arc<dyn ServerCertVerifier>>,
+    root: Option<CertificateDer<'static>>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let (cert, key) = cfg.device()?;
+    let b = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let b = match (verifier, root) {
+        (Some(v), _) => b.dangerous().with_custom_certificate_verifier(v),
+        (None, Some(r)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(r).map_err(|e| e.to_string())?;
+            b.with_root_certificates(roots)
+        }
+        (None, None) => return Err("no way to check the box".into()),
+    };
+    let config = b
+        .with_client_auth_cert(
+            vec![cert],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+/// What the box said, as a message for a person.
+fn explain(status: u16, body: &serde_json::Value) -> String {
+    match body["error"].as_str() {
+        Some("window_closed") => "the box's pairing window is closed: press its button once, then run this again".into(),
+        Some("overlap") => "another device asked to pair at the same time, so neither was paired: press the button again and pair one device at a time".into(),
+        Some("timed_out") => "the pairing window closed before the pairing was confirmed (a second press of the button, and an owner's approval once the box has an owner): try again".into(),
+        Some("too_many_wrong_codes") => "an owner typed the wrong code too often: the window is closed; try again".into(),
+        Some(e) => body["reason"].as_str().unwrap_or(e).to_owned(),
+        None if status == 401 => "the box does not know this device (not paired, or revoked)".into(),
+        None if status == 403 => "only an owner device may do this".into(),
+        None => format!("the box answered {status}: {body}"),
+    }
+}
+
+/// `cloudlet pair HOST[:PORT]`: asks the box to pair this device.
+pub async fn pair(addr: &str, name: &str, as_box: bool) -> Result<String, String> {
+    let cfg = Config::open()?;
+    let addr = with_port(addr);
+    let seen = Arc::new(Seen::default());
+    let verifier = Arc::new(FirstContact {
+        seen: seen.clone(),
+        provider: tls::provider(),
+    });
+    let config = client_config(&cfg, Some(verifier), None)?;
+    // The name is checked by the verifier against the box ID the chain
+    // shows; this one only has to be a valid name for the handshake.
+    let mut conn = connect(&addr, config, "cloudlet".into()).await?;
+    let (box_id, identity) = seen
+        .0
+        .lock()
+        .map_err(|_| "internal error")?
+        .clone()
+        .ok_or("the box showed no identity")?;
+    println!("Box ID:  {box_id}");
+    println!("Code:    {}", conn.code);
+    println!("Check the box ID, press the box's button once more to confirm, and");
+    println!("if the box already has an owner, have the owner approve this code.");
+    println!("Waiting (up to two minutes)...");
+    let _ = std::io::stdout().flush();
+    let kind = if as_box { "box" } else { "device" };
+    let (status, body) = conn
+        .call(
+            "POST",
+            "/pair",
+            Some(serde_json::json!({"name": name, "kind": kind})),
+        )
+        .await?;
+    if status != 200 {
+        return Err(explain(status, &body));
+    }
+    let key = body["box_key"].as_str().unwrap_or_default().to_owned();
+    let spki = tls::spki_of(&identity).ok_or("bad identity")?;
+    if key != tls::key_hash(&spki) {
+        return Err("the box named a key other than the one it showed: not pairing".into());
+    }
+    let mut boxes = cfg.boxes()?;
+    boxes.insert(
+        box_id.clone(),
+        PinnedBox {
+            addr,
+            identity: base64::engine::general_purpose::STANDARD.encode(identity.as_ref()),
+            key,
+            device: body["device"].as_str().unwrap_or_default().to_owned(),
+            role: body["role"].as_str().unwrap_or_default().to_owned(),
+        },
+    );
+    cfg.save_boxes(&boxes)?;
+    Ok(format!(
+        "Paired with box {box_id} as {} (device {}).",
+        body["role"].as_str().unwrap_or("?"),
+        body["device"].as_str().unwrap_or("?")
+    ))
+}
+
+/// One call to a paired box, pinning its identity.
+pub async fn call(
+    which: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
+    let cfg = Config::open()?;
+    let (box_id, b) = cfg.pinned(which)?;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(&b.identity)
+        .map_err(|e| format!("boxes.json: {e}"))?;
+    let config = client_config(&cfg, None, Some(CertificateDer::from(der)))?;
+    let mut conn = connect(&b.addr, config, tls::box_dns_name(&box_id)).await?;
+    let (status, answer) = conn.call(method, path, body).await?;
+    if status / 100 != 2 {
+        return Err(explain(status, &answer));
+    }
+    Ok(answer)
+}
+
+/// A box found on the LAN.
+pub struct Found {
+    pub box_id: String,
+    pub host: String,
+    pub addresses: Vec<std::net::IpAddr>,
+    pub port: u16,
+}
+
+/// `cloudlet discover`: the boxes that announce `_cloudlet._tcp` over mDNS
+/// within `seconds` (on `$CLOUDLET_MDNS_INTERFACE` only, when set).
+pub fn discover(seconds: u64) -> Result<Vec<Found>, String> {
+    use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
+    let mdns = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
+    if let Ok(i) = std::env::var("CLOUDLET_MDNS_INTERFACE") {
+        mdns.disable_interface(IfKind::All)
+            .map_err(|e| e.to_string())?;
+        mdns.enable_interface(i.as_str())
+            .map_err(|e| e.to_string())?;
+    }
+    let events = mdns
+        .browse("_cloudlet._tcp.local.")
+        .map_err(|e| format!("mDNS: {e}"))?;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut found: BTreeMap<String, Found> = BTreeMap::new();
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        let Ok(event) = events.recv_timeout(left) else {
+            break;
+        };
+        if let ServiceEvent::ServiceResolved(s) = event {
+            let Some(id) = s.get_property_val_str("id") else {
+                continue;
+            };
+            let mut addresses: Vec<std::net::IpAddr> =
+                s.get_addresses().iter().map(|a| a.to_ip_addr()).collect();
+            addresses.sort();
+            found.insert(
+                id.to_owned(),
+                Found {
+                    box_id: id.to_owned(),
+                    host: s.get_hostname().trim_end_matches('.').to_owned(),
+                    addresses,
+                    port: s.get_port(),
+                },
+            );
+        }
+    }
+    let _ = mdns.shutdown();
+    Ok(found.into_values().collect())
+}
