@@ -240,10 +240,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     let s = remote::call(b, "GET", "/api/pairing", None).await?;
                     match s["pending"].as_object() {
                         Some(p) => println!(
-                            "{} ({}) waits to pair with code {}{}",
+                            "{} ({}) waits to pair: read the code on that device, then `cloudlet pairing approve CODE`{}",
                             p["name"].as_str().unwrap_or("?"),
                             p["kind"].as_str().unwrap_or("?"),
-                            p["code"].as_str().unwrap_or("?"),
                             if p["pressed"].as_bool() == Some(true) {
                                 "; the button was pressed"
                             } else {

@@ -91,8 +91,16 @@ impl Config {
         if let (Ok(c), Ok(k)) = (std::fs::read(&crt), std::fs::read(&key)) {
             return Ok((CertificateDer::from(c), k));
         }
-        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| e.to_string())?;
+        // The key is what boxes paired: keep it if it is there, and only
+        // make its certificate again.
+        let pair = match std::fs::read(&key) {
+            Ok(k) => rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+                &PrivatePkcs8KeyDer::from(k),
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            Err(_) => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+        }
+        .map_err(|e| e.to_string())?;
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "device".into());
@@ -257,12 +265,10 @@ async fn connect(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS with {addr}: {e}"))?;
-    let exported = tls
-        .get_ref()
-        .1
-        .export_keying_material([0u8; 32], tls::PAIRING_EXPORTER_LABEL, None)
-        .map_err(|e| e.to_string())?;
-    let n = u32::from_be_bytes([exported[0], exported[1], exported[2], exported[3]]) % 1_000_000;
+    // Pairing asks for TLS 1.3; other calls show no code.
+    let code = tls::session_binding(tls.get_ref().1)
+        .map(|b| tls::pairing_code(&b))
+        .unwrap_or_default();
     let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
@@ -272,7 +278,7 @@ async fn connect(
     Ok(Conn {
         sender,
         host: server_name,
-        code: format!("{n:06}"),
+        code,
     })
 }
 

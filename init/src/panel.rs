@@ -8,8 +8,9 @@
 //! * [`Panel`], while init runs: the LED shows booting until every service
 //!   is ready, then ready; an error code when a service is given up (cleared
 //!   when every service is ready again) or when /data is missing. A short
-//!   press opens the pairing window for [`PAIRING_WINDOW`] (the LED blinks
-//!   fast; a second press closes it); a long press goes dark while held and
+//!   press is published; the pairing pattern shows while the sharing
+//!   service says its window is open (at most [`PAIRING_WINDOW`]), and the
+//!   error pattern for [`PAIRING_FAILED`] when pairing fails; a long press goes dark while held and
 //!   powers off in order when released. Every press is published.
 //! * [`ResetGesture`], at boot when the button is already held: held to the
 //!   very-long time arms a factory reset, and one short press within
@@ -140,7 +141,7 @@ impl Panel {
         let mut out = Vec::new();
         match event {
             Event::Button(b) => {
-                self.button(b, now, &mut out);
+                self.button(b, &mut out);
                 return out;
             }
             Event::Tick => {
@@ -187,7 +188,7 @@ impl Panel {
         out
     }
 
-    fn button(&mut self, b: Button, now: Instant, out: &mut Vec<Action>) {
+    fn button(&mut self, b: Button, out: &mut Vec<Action>) {
         let press = match b {
             Button::Short => Press::Short,
             Button::Long => Press::Long,
@@ -203,11 +204,9 @@ impl Panel {
         self.held_long = false;
         out.push(Action::Publish(press));
         match press {
-            Press::Short => {
-                // Published only: the sharing service runs the pairing
-                // window and tells the LEDs (Event::Pairing).
-                let _ = now;
-            }
+            // Published only: the sharing service runs the pairing window
+            // and tells the LEDs (Event::Pairing).
+            Press::Short => {}
             Press::Long | Press::VeryLong => {
                 // Going down: the LED shows it at once.
                 self.shutting_down = true;

@@ -118,11 +118,20 @@ async fn check(service: &str, router: Router, p: &Paired) {
 async fn every_private_route_of_every_service_refuses_unpaired_and_revoked_devices() {
     let p = paired();
     check("sync", cloudlet_sync::routes(p.auth()), &p).await;
+    let dir = tempfile::tempdir().unwrap();
+    let identity =
+        Arc::new(cloudlet_sharing::identity::Identity::load_or_create(dir.path()).unwrap());
+    let pairing = cloudlet_sharing::pair::Pairing::new(
+        dir.path().join("no-init.sock"),
+        p.registry.clone(),
+        p.notifier.clone(),
+        identity.clone(),
+    );
     let devices = cloudlet_sharing::Devices {
         registry: p.registry.clone(),
         notifier: p.notifier.clone(),
-        identity: None,
-        pairing: None,
+        identity: Some(identity),
+        pairing: Some(pairing),
     };
     check(
         "sharing",

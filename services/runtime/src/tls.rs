@@ -169,11 +169,22 @@ pub const PAIRING_EXPORTER_LABEL: &[u8] = b"EXPORTER-cloudlet-pairing-code";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionBinding(pub [u8; 32]);
 
-/// [`SessionBinding`] of a finished handshake.
+/// [`SessionBinding`] of a finished TLS 1.3 handshake (TLS 1.2's exporter
+/// is sound only with extended master secret: pairing asks for 1.3).
 pub fn session_binding<D>(conn: &rustls::ConnectionCommon<D>) -> Option<SessionBinding> {
+    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return None;
+    }
     conn.export_keying_material([0u8; 32], PAIRING_EXPORTER_LABEL, None)
         .ok()
         .map(SessionBinding)
+}
+
+/// The six digits a pairing shows, from a session's [`SessionBinding`].
+pub fn pairing_code(b: &SessionBinding) -> String {
+    let e = &b.0;
+    let n = u32::from_be_bytes([e[0], e[1], e[2], e[3]]) % 1_000_000;
+    format!("{n:06}")
 }
 
 #[cfg(test)]
@@ -195,5 +206,17 @@ mod tests {
         // The first 10 bytes of SHA-256("abc") in RFC 4648 base32, as
         // Python's base64.b32encode gives them.
         assert_eq!(box_id(b"abc"), "xj4b-np4p-ahh6-uqkb");
+    }
+
+    #[test]
+    fn pairing_codes_are_six_digits_from_the_session() {
+        assert_eq!(pairing_code(&SessionBinding([0; 32])), "000000");
+        let mut e = [0u8; 32];
+        e[..4].copy_from_slice(&1_234_567u32.to_be_bytes());
+        assert_eq!(pairing_code(&SessionBinding(e)), "234567");
+        assert_eq!(
+            pairing_code(&SessionBinding([0xff; 32])),
+            format!("{:06}", u32::MAX % 1_000_000)
+        );
     }
 }

@@ -17,6 +17,9 @@ use zbus::fdo;
 use crate::identity::Identity;
 use crate::registry::{NewDevice, PairedHow, Registry, RegistryError, Role};
 
+/// How long one peer may take to accept a `Changed` signal.
+const SIGNAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Tells every connected service that the registry changed.
 #[derive(Default)]
 pub struct Notifier {
@@ -37,19 +40,34 @@ impl Notifier {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `Changed(device)` to every service; forgets connections that are gone.
+    /// Sends `Changed(device)` to every service at once; forgets peers that
+    /// are gone or do not take it within [`SIGNAL_TIMEOUT`] (a peer that
+    /// stops reading must not hold up a revocation for the others).
     pub async fn changed(&self, device: &str) {
         let conns = self.lock().1.clone();
-        let mut gone = Vec::new();
-        for (n, c) in &conns {
-            if let Err(e) = c
-                .emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(device,))
-                .await
-            {
-                tracing::debug!(error = %e, "a bus peer is gone");
-                gone.push(*n);
+        let sends = conns.iter().map(|(n, c)| async move {
+            let sent = tokio::time::timeout(
+                SIGNAL_TIMEOUT,
+                c.emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(device,)),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "a bus peer is gone");
+                    Some(*n)
+                }
+                Err(_) => {
+                    tracing::warn!("a bus peer did not take a change in time: dropped");
+                    Some(*n)
+                }
             }
-        }
+        });
+        let gone: Vec<u64> = futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         if !gone.is_empty() {
             self.lock().1.retain(|(n, _)| !gone.contains(n));
         }

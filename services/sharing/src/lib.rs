@@ -234,15 +234,22 @@ impl Devices {
         let r = self.registry.clone();
         tokio::task::spawn_blocking(move || f(&r))
             .await
-            .map_err(|e| RegistryError::Random(std::io::Error::other(e)))?
+            .map_err(|e| RegistryError::Task(e.to_string()))?
     }
 
     async fn list(&self, req: hyper::Request<RoutedBody>) -> hyper::Response<Body> {
-        let me = who(&req).map(|i| i.device.clone()).unwrap_or_default();
+        let me = who(&req).cloned();
+        let id = me.as_ref().map(|i| i.device.clone()).unwrap_or_default();
+        let owner = me.as_ref().is_some_and(Identity::is_owner);
         match self.blocking(|r| r.list()).await {
+            // Who else may reach the box is the owners' business; a device
+            // sees itself.
             Ok(all) => json(
                 StatusCode::OK,
-                &serde_json::json!({"you": me, "devices": all}),
+                &serde_json::json!({
+                    "you": id,
+                    "devices": all.into_iter().filter(|d| owner || d.id == id).collect::<Vec<_>>(),
+                }),
             ),
             Err(e) => registry_error(e),
         }

@@ -35,7 +35,10 @@ pub struct Pairing {
     /// init's control socket, to tell the LEDs.
     control: std::path::PathBuf,
     window: Mutex<Window>,
-    waiters: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    /// Each waiting request's answer channel, by key, with the request's
+    /// number (a retry from the same device replaces it).
+    waiters: Mutex<HashMap<String, (u64, oneshot::Sender<Outcome>)>>,
+    serial: std::sync::atomic::AtomicU64,
     registry: Arc<Registry>,
     notifier: Arc<bus::Notifier>,
     identity: Arc<identity::Identity>,
@@ -54,6 +57,7 @@ fn refusal_status(r: &Refusal) -> StatusCode {
         Refusal::NothingPending => StatusCode::NOT_FOUND,
         Refusal::WrongCode => StatusCode::UNPROCESSABLE_ENTITY,
         Refusal::Closed | Refusal::TooManyWrongCodes => StatusCode::FORBIDDEN,
+        Refusal::Registry(_) => StatusCode::CONFLICT,
     }
 }
 
@@ -65,6 +69,7 @@ fn refusal_name(r: &Refusal) -> &'static str {
         Refusal::WrongCode => "wrong_code",
         Refusal::TooManyWrongCodes => "too_many_wrong_codes",
         Refusal::NothingPending => "nothing_pending",
+        Refusal::Registry(_) => "not_paired",
     }
 }
 
@@ -80,14 +85,25 @@ fn refused(r: &Refusal) -> hyper::Response<Body> {
 struct Waiting<'a> {
     pairing: &'a Pairing,
     key: String,
+    serial: u64,
     done: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        // Only if this request is still the device's latest: a retry that
+        // came meanwhile keeps its place.
+        let mut waiters = lock(&self.pairing.waiters);
+        if waiters
+            .get(&self.key)
+            .is_some_and(|(n, _)| *n == self.serial)
+        {
+            waiters.remove(&self.key);
+            drop(waiters);
             lock(&self.pairing.window).withdraw(&self.key);
-            lock(&self.pairing.waiters).remove(&self.key);
         }
     }
 }
@@ -103,6 +119,7 @@ impl Pairing {
             control,
             window: Mutex::new(Window::default()),
             waiters: Mutex::new(HashMap::new()),
+            serial: std::sync::atomic::AtomicU64::new(0),
             registry,
             notifier,
             identity,
@@ -155,20 +172,20 @@ impl Pairing {
         }
     }
 
-    /// Tells init what the LEDs are to show (nothing happens without init:
-    /// a host run).
+    /// Tells init what the LEDs are to show, without waiting for it (a slow
+    /// init must not hold up pairing; nothing happens without init: a host
+    /// run).
     async fn led(&self, state: PairingLed) {
         let path = self.control.clone();
-        let r =
-            tokio::task::spawn_blocking(move || control::call(&path, &Request::Pairing { state }))
-                .await;
-        if let Ok(Err(e)) = r {
-            tracing::debug!(error = %e, "pairing LED");
-        }
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = control::call(&path, &Request::Pairing { state }) {
+                tracing::debug!(error = %e, "pairing LED");
+            }
+        });
     }
 
     fn answer(&self, key: &str, outcome: Outcome) {
-        if let Some(tx) = lock(&self.waiters).remove(key) {
+        if let Some((_, tx)) = lock(&self.waiters).remove(key) {
             let _ = tx.send(outcome);
         }
     }
@@ -213,11 +230,11 @@ impl Pairing {
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "pairing: the registry refused the device");
-                Err(Refusal::NothingPending)
+                Err(Refusal::Registry(e.to_string()))
             }
             Err(e) => {
                 tracing::error!(error = %e, "pairing");
-                Err(Refusal::NothingPending)
+                Err(Refusal::Registry(e.to_string()))
             }
         }
     }
@@ -234,7 +251,7 @@ impl Pairing {
             return json(
                 StatusCode::BAD_REQUEST,
                 &serde_json::json!({"error": "needs_client_certificate",
-                    "reason": "pairing needs TLS with a client certificate: the key in it is what gets paired"}),
+                    "reason": "pairing needs TLS 1.3 with a client certificate: the key in it is what gets paired"}),
             );
         };
         let body = match req.into_body().collect().await {
@@ -258,21 +275,25 @@ impl Pairing {
                 )
             }
         };
-        if name.is_empty() || name.chars().count() > crate::registry::MAX_NAME {
+        if crate::registry::check_name(&name).is_err() {
             return json(
                 StatusCode::BAD_REQUEST,
                 &serde_json::json!({"error": "bad_request", "reason": "send {\"name\": \"what to call this device\"}"}),
             );
         }
-        let code = pairing::code(&binding.0);
+        let code = cloudlet_runtime::tls::pairing_code(&binding);
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(key.clone(), tx);
+        let serial = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.waiters).insert(key.clone(), (serial, tx));
         let mut waiting = Waiting {
             pairing: self,
             key: key.clone(),
+            serial,
             done: false,
         };
-        tracing::info!(name = %name, code = %code, "a device asks to pair");
+        tracing::info!(name = %name, "a device asks to pair");
         let actions = lock(&self.window).request(
             Instant::now(),
             Pending {
@@ -304,7 +325,8 @@ impl Pairing {
             serde_json::json!({
                 "name": p.name,
                 "kind": if p.kind == Kind::Box { "box" } else { "device" },
-                "code": p.code,
+                // Not the code: the owner is to read it off the new device
+                // and type it, or the check against a relay means nothing.
                 "pressed": p.pressed,
             })
         });

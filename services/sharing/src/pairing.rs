@@ -64,6 +64,8 @@ pub enum Refusal {
     TooManyWrongCodes,
     #[error("no device is waiting to pair")]
     NothingPending,
+    #[error("the box could not pair this device: {0}")]
+    Registry(String),
 }
 
 /// What the service is to do after an event.
@@ -239,17 +241,6 @@ impl Window {
     }
 }
 
-/// The six-digit code of a TLS session, from 32 bytes of its keying
-/// material (RFC 5705/8446 exporter, label [`EXPORTER_LABEL`]): both ends
-/// derive it alone, and a relay with two sessions gets two codes.
-pub fn code(exported: &[u8; 32]) -> String {
-    let n = u32::from_be_bytes([exported[0], exported[1], exported[2], exported[3]]) % 1_000_000;
-    format!("{n:06}")
-}
-
-/// The exporter label pairing codes are derived with.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-cloudlet-pairing-code";
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::arithmetic_side_effects)]
 mod tests {
@@ -375,14 +366,5 @@ mod tests {
             },
         );
         assert_eq!(paired(&w.press(t, false)), Some(("box", false)));
-    }
-
-    #[test]
-    fn codes_are_six_digits_from_the_session() {
-        assert_eq!(code(&[0; 32]), "000000");
-        let mut e = [0u8; 32];
-        e[..4].copy_from_slice(&1_234_567u32.to_be_bytes());
-        assert_eq!(code(&e), "234567");
-        assert_eq!(code(&[0xff; 32]), format!("{:06}", u32::MAX % 1_000_000));
     }
 }

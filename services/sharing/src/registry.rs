@@ -107,6 +107,8 @@ pub enum RegistryError {
     Full,
     #[error("cannot read random bytes: {0}")]
     Random(std::io::Error),
+    #[error("the registry's worker failed: {0}")]
+    Task(String),
 }
 
 fn db<E: Into<redb::Error>>(e: E) -> RegistryError {
@@ -119,7 +121,8 @@ fn credential_key(kind: &str, hash: &str) -> String {
     format!("{kind}:{hash}")
 }
 
-fn check_name(name: &str) -> Result<(), RegistryError> {
+/// A name is 1 to [`MAX_NAME`] characters, none of them control characters.
+pub fn check_name(name: &str) -> Result<(), RegistryError> {
     let ok = !name.trim().is_empty()
         && name.chars().count() <= MAX_NAME
         && !name.chars().any(char::is_control);
