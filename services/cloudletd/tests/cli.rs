@@ -4,10 +4,12 @@
 //! key alone; the messages for a closed window and an unknown box are
 //! clear. (`cloudletd sharing press` stands in for the button.)
 
+mod common;
+
+use common::Sharing;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
 
 /// The `cloudlet` binary, built beside `cloudletd` by `cargo test` at the
 /// workspace root.
@@ -19,87 +21,6 @@ fn cloudlet_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-struct Sharing {
-    child: Child,
-    port: u16,
-    data: PathBuf,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Drop for Sharing {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &Path) -> Sharing {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-        .args(["sharing", "--listen", "127.0.0.1:0"])
-        .env("CLOUDLET_DATA", data)
-        .env("CLOUDLET_REGISTRY_SOCKET", data.join("registry.sock"))
-        .env("CLOUDLET_CONTROL_SOCKET", data.join("no-init.sock"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let lines = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(a) = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|a| a.split_whitespace().next())
-            {
-                let _ = tx.send(a.to_owned());
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let addr: std::net::SocketAddr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap()
-        .parse()
-        .unwrap();
-    Sharing {
-        child,
-        port: addr.port(),
-        data: data.to_owned(),
-        log,
-    }
-}
-
-impl Sharing {
-    /// Waits until `n` requests to pair have reached the box.
-    fn wait_asks(&self, n: usize) {
-        for _ in 0..500 {
-            let asks = self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.contains("a device asks to pair"))
-                .count();
-            if asks >= n {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the box never saw request {n} to pair");
-    }
-
-    fn press(&self) {
-        let out = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-            .args(["sharing", "press"])
-            .env("CLOUDLET_REGISTRY_SOCKET", self.data.join("registry.sock"))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-    }
 }
 
 fn cloudlet(config: &Path, args: &[&str]) -> Output {
@@ -122,8 +43,8 @@ fn text(o: &Output) -> String {
 fn cloudlet_pair_shows_the_code_pairs_on_the_second_press_and_pins_the_box() {
     let d = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
-    let s = start(d.path());
-    let host = format!("127.0.0.1:{}", s.port);
+    let s = Sharing::start(d.path(), "127.0.0.1:0", &[]);
+    let host = s.addr.to_string();
 
     // The window is closed: a clear message, nothing kept.
     let out = cloudlet(config.path(), &["pair", &host, "--name", "laptop"]);

@@ -4,6 +4,8 @@
 //! loopback interface: the test runs its own avahi-daemon limited to `lo`
 //! (it needs root, as the README's test command has).
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -71,28 +73,9 @@ fn the_box_is_announced_with_its_id_and_avahi_browse_and_cloudlet_discover_find_
     let _avahi = avahi(d.path());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let _sharing = Killed(
-        Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-            .args(["sharing", "--listen", &listen])
-            .env("CLOUDLET_DATA", d.path())
-            .env("CLOUDLET_REGISTRY_SOCKET", d.path().join("registry.sock"))
-            .env("CLOUDLET_CONTROL_SOCKET", d.path().join("no-init.sock"))
-            .env("CLOUDLET_MDNS_INTERFACE", "lo")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let sharing = common::Sharing::start(d.path(), &listen, &[("CLOUDLET_MDNS_INTERFACE", "lo")]);
     // The identity is made at start; its box ID is what the records carry.
-    let cert = {
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(c) = std::fs::read(d.path().join("sharing/identity.crt")) {
-                break c;
-            }
-            assert!(Instant::now() < until, "no identity");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let cert = sharing.identity();
     let spki =
         cloudlet_runtime::tls::spki_of(&rustls::pki_types::CertificateDer::from(cert)).unwrap();
     let box_id = cloudlet_runtime::tls::box_id(&spki);

@@ -5,110 +5,18 @@
 //! and wrong codes close the window. (`cloudletd sharing press` stands in
 //! for the button on a host; the QEMU tests press the real one.)
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod common;
+
+use common::Sharing;
 
 use cloudlet_runtime::tls;
 use cloudlet_testkit::http::{request_on, Body, Response};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::{json, Value};
-
-/// A sharing service over TLS on its own data directory.
-struct Sharing {
-    child: Child,
-    addr: SocketAddr,
-    data: PathBuf,
-    /// Every line the service logged so far.
-    log: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Drop for Sharing {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Sharing {
-    fn start(data: &Path) -> Sharing {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-            .args(["sharing", "--listen", "127.0.0.1:0"])
-            .env("CLOUDLET_DATA", data)
-            .env("CLOUDLET_REGISTRY_SOCKET", data.join("registry.sock"))
-            .env("CLOUDLET_CONTROL_SOCKET", data.join("no-init.sock"))
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(a) = line
-                    .split("addr=")
-                    .nth(1)
-                    .and_then(|a| a.split_whitespace().next())
-                {
-                    let _ = tx.send(a.to_owned());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap()
-            .parse()
-            .unwrap();
-        Sharing {
-            child,
-            addr,
-            data: data.to_owned(),
-            log,
-        }
-    }
-
-    /// The box's button, pressed once.
-    fn press(&self) {
-        let out = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-            .args(["sharing", "press"])
-            .env("CLOUDLET_REGISTRY_SOCKET", self.data.join("registry.sock"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Waits until `n` requests to pair have reached the box in all, so
-    /// that a press the test makes next comes after the request.
-    fn wait_asks(&self, n: usize) {
-        for _ in 0..500 {
-            let asks = self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.contains("a device asks to pair"))
-                .count();
-            if asks >= n {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the box never saw request {n} to pair");
-    }
-
-    fn identity(&self) -> CertificateDer<'static> {
-        CertificateDer::from(std::fs::read(self.data.join("sharing/identity.crt")).unwrap())
-    }
-}
 
 /// A device: its own key and certificate, pinning the box's identity.
 #[derive(Clone)]
@@ -218,8 +126,8 @@ fn answer(r: Response) -> (u16, Value) {
 #[test]
 fn pairing_needs_a_press_in_the_window_then_a_second_press_and_later_an_owner() {
     let d = tempfile::tempdir().unwrap();
-    let sharing = Sharing::start(d.path());
-    let box_identity = sharing.identity();
+    let sharing = Sharing::start(d.path(), "127.0.0.1:0", &[]);
+    let box_identity = CertificateDer::from(sharing.identity());
     let laptop = Device::new(&box_identity, true);
 
     // No press: the window is closed.
@@ -336,8 +244,8 @@ fn pairing_needs_a_press_in_the_window_then_a_second_press_and_later_an_owner() 
 #[test]
 fn guessing_codes_is_limited_to_a_few_per_window() {
     let d = tempfile::tempdir().unwrap();
-    let sharing = Sharing::start(d.path());
-    let box_identity = sharing.identity();
+    let sharing = Sharing::start(d.path(), "127.0.0.1:0", &[]);
+    let box_identity = CertificateDer::from(sharing.identity());
     let owner = Device::new(&box_identity, true);
     sharing.press();
     let (_, t) = owner.ask(sharing.addr, "owner");
@@ -450,22 +358,12 @@ fn relay(to: SocketAddr, tamper: bool) -> (SocketAddr, Arc<std::sync::Mutex<Vec<
     (addr, sent)
 }
 
-fn asks(sharing: &Sharing) -> usize {
-    sharing
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("a device asks to pair"))
-        .count()
-}
-
 #[test]
 fn a_replayed_or_tampered_handshake_pairs_nothing() {
     use std::io::{Read, Write};
     let d = tempfile::tempdir().unwrap();
-    let sharing = Sharing::start(d.path());
-    let device = Device::new(&sharing.identity(), true);
+    let sharing = Sharing::start(d.path(), "127.0.0.1:0", &[]);
+    let device = Device::new(&CertificateDer::from(sharing.identity()), true);
 
     // A real request through the relay, recorded (refused: no window).
     let (via, recorded) = relay(sharing.addr, false);
@@ -515,5 +413,5 @@ fn a_replayed_or_tampered_handshake_pairs_nothing() {
     );
     // Neither reached pairing: the box saw only the first, honest request.
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(asks(&sharing), 1);
+    assert_eq!(sharing.asks(), 1);
 }

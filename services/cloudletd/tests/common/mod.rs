@@ -59,6 +59,117 @@ impl Drop for Registry {
 
 static REGISTRIES: Mutex<Vec<(PathBuf, Weak<Registry>)>> = Mutex::new(Vec::new());
 
+/// Follows a started service's log (its stderr): every line is kept, and
+/// the address it says it listens on is returned once it says so.
+pub fn follow(child: &mut Child) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(a) = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next())
+            {
+                let _ = tx.send(a.to_owned());
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the service says where it listens")
+        .parse()
+        .unwrap();
+    (addr, log)
+}
+
+/// A sharing service over TLS on its own data directory (the registry,
+/// pairing, the web UI), for tests of pairing and of the `cloudlet`
+/// command; stopped when dropped. Without init: no button presses but the
+/// ones [`Sharing::press`] makes.
+#[allow(dead_code)]
+pub struct Sharing {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    /// Every line the service logged so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Sharing {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[allow(dead_code)]
+impl Sharing {
+    /// Starts it on `listen` with the extra environment `env`.
+    pub fn start(data: &Path, listen: &str, env: &[(&str, &str)]) -> Sharing {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+            .args(["sharing", "--listen", listen])
+            .env("CLOUDLET_DATA", data)
+            .env("CLOUDLET_REGISTRY_SOCKET", data.join("registry.sock"))
+            .env("CLOUDLET_CONTROL_SOCKET", data.join("no-init.sock"))
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting cloudletd sharing");
+        let (addr, log) = follow(&mut child);
+        Sharing {
+            child,
+            addr,
+            data: data.to_owned(),
+            log,
+        }
+    }
+
+    /// The box's button, pressed once (`cloudletd sharing press`).
+    pub fn press(&self) {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+            .args(["sharing", "press"])
+            .env("CLOUDLET_REGISTRY_SOCKET", self.data.join("registry.sock"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// How many requests to pair have reached the box so far.
+    pub fn asks(&self) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("a device asks to pair"))
+            .count()
+    }
+
+    /// Waits until `n` requests to pair have reached the box in all, so
+    /// that a press the test makes next comes after the request.
+    pub fn wait_asks(&self, n: usize) {
+        for _ in 0..500 {
+            if self.asks() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the box never saw request {n} to pair");
+    }
+
+    /// The box's identity certificate (DER), as the service keeps it.
+    pub fn identity(&self) -> Vec<u8> {
+        std::fs::read(self.data.join("sharing/identity.crt")).unwrap()
+    }
+}
+
 /// The registry of `data`: the running one, or a new one with a device
 /// paired by `cloudletd sharing add-device`.
 pub fn registry(data: &Path) -> Arc<Registry> {
@@ -79,24 +190,7 @@ pub fn registry(data: &Path) -> Arc<Registry> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting cloudletd sharing");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(a) = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|a| a.split_whitespace().next())
-            {
-                let _ = tx.send(a.trim().to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the sharing service starts")
-        .parse()
-        .unwrap();
+    let (addr, _) = follow(&mut child);
     let mut r = Registry {
         child: Mutex::new(child),
         socket,
@@ -117,6 +211,7 @@ pub fn registry(data: &Path) -> Arc<Registry> {
 }
 
 /// A running service, as a test needs it.
+#[allow(dead_code)]
 pub struct Spawned {
     pub child: Child,
     pub addr: SocketAddr,
@@ -170,27 +265,7 @@ pub fn spawn_with(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("starting cloudletd {service}: {e}"));
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let lines = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(a) = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|a| a.split_whitespace().next())
-            {
-                let _ = tx.send(a.trim().to_owned());
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the service says where it listens")
-        .parse()
-        .unwrap();
+    let (addr, log) = follow(&mut child);
     Spawned {
         child,
         addr,
