@@ -82,7 +82,7 @@ fn cloudlet_bin() -> std::path::PathBuf {
         .expect("a target directory");
     assert!(
         p.exists(),
-        "{} is missing: run the host tests first (cargo test at the root)",
+        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
         p.display()
     );
     p

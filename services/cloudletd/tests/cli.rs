@@ -11,13 +11,13 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// The `cloudlet` binary, built beside `cloudletd` by `cargo test` at the
-/// workspace root.
+/// The `cloudlet` binary, built beside `cloudletd` by `cargo build --bins`
+/// (scripts/test builds the binaries before the tests).
 fn cloudlet_bin() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
     assert!(
         p.exists(),
-        "{} is missing: run the tests from the workspace root (cargo test)",
+        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
         p.display()
     );
     p

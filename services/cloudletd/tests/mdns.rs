@@ -114,7 +114,10 @@ fn the_box_is_announced_with_its_id_and_avahi_browse_and_cloudlet_discover_find_
 
     // cloudlet discover, on lo only.
     let cloudlet = Path::new(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
-    assert!(cloudlet.exists(), "run the tests from the workspace root");
+    assert!(
+        cloudlet.exists(),
+        "build the binaries first (cargo build --bins; scripts/test does)"
+    );
     let config = tempfile::tempdir().unwrap();
     let out = Command::new(&cloudlet)
         .args(["discover", "--seconds", "4"])
