@@ -101,6 +101,28 @@ pub fn random<const N: usize>() -> std::io::Result<[u8; N]> {
     Ok(raw)
 }
 
+/// Writes `bytes` to `path` durably (a temporary file, fsynced, renamed,
+/// the directory fsynced), readable only by this user: keys and the like.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Logging to stderr, which init captures into the service's log buffer.
 pub fn init_logging(service: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

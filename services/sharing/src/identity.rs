@@ -8,8 +8,6 @@
 //! fresh at each start and certified here ([`Identity::issue`]), so the one
 //! long-lived secret never leaves this service.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use cloudlet_runtime::tls;
@@ -62,26 +60,6 @@ pub fn host_names() -> Vec<String> {
     vec![format!("{h}.local"), h]
 }
 
-/// Writes `bytes` to `path` durably, readable only by this user.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 fn ca_params(box_id: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -108,7 +86,8 @@ impl Identity {
             )?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-                write_private(&key_path, &key.serialize_der()).map_err(io(&key_path))?;
+                cloudlet_runtime::write_private(&key_path, &key.serialize_der())
+                    .map_err(io(&key_path))?;
                 tracing::info!("made the box's identity key");
                 key
             }
@@ -125,7 +104,7 @@ impl Identity {
             Ok(der) if tls::spki_of(&der.clone().into()).as_deref() == Some(spki.as_slice()) => der,
             _ => {
                 let der = params.self_signed(&key)?.der().to_vec();
-                write_private(&cert_path, &der).map_err(io(&cert_path))?;
+                cloudlet_runtime::write_private(&cert_path, &der).map_err(io(&cert_path))?;
                 der
             }
         };
