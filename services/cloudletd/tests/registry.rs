@@ -158,3 +158,33 @@ fn the_last_owner_cannot_be_revoked_and_errors_are_clear() {
     assert!(e.contains("unknown role"), "{e}");
     assert_eq!(status(storage.addr, "/api/space", &r.token), 200);
 }
+
+#[test]
+fn one_user_holding_many_bus_connections_is_capped_and_its_places_come_back() {
+    let d = tempfile::tempdir().unwrap();
+    let r = common::registry(d.path());
+    // Sixteen connections that never finish the D-Bus handshake: this
+    // user's every place (the service itself holds none of them).
+    let held: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(&r.socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // The seventeenth is refused: the owner command cannot get through.
+    let refused = r.owner(&["devices"]);
+    assert!(refused.is_err(), "{refused:?}");
+    // Closed (or timed out, after 5 s), they give their places back.
+    drop(held);
+    let start = Instant::now();
+    loop {
+        match r.owner(&["devices"]) {
+            Ok(list) => {
+                assert!(list.contains("tests"), "{list}");
+                break;
+            }
+            Err(_) if start.elapsed() < Duration::from_secs(15) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the bus never took a connection again: {e}"),
+        }
+    }
+}

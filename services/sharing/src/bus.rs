@@ -20,20 +20,76 @@ use crate::registry::{NewDevice, PairedHow, Registry, RegistryError, Role};
 /// How long one peer may take to accept a `Changed` signal.
 const SIGNAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Connections one local user may hold open at once (a service needs one;
+/// each `cloudletd sharing` command one while it runs).
+pub const MAX_PEERS_PER_USER: usize = 16;
+/// Connections all users together may hold open at once.
+pub const MAX_PEERS: usize = 128;
+
 /// Tells every connected service that the registry changed.
 #[derive(Default)]
 pub struct Notifier {
     /// Each peer's connection, numbered (peer-to-peer connections have no
     /// bus name to tell them apart by).
     conns: Mutex<(u64, Vec<(u64, zbus::Connection)>)>,
+    /// Open connections (and handshakes) by the peer's user.
+    peers: Mutex<std::collections::HashMap<u32, usize>>,
+}
+
+/// One admitted connection of `uid`: its place is given back when dropped.
+struct Slot {
+    notifier: Arc<Notifier>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut peers = self
+            .notifier
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = peers.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                peers.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Notifier {
-    fn add(&self, c: zbus::Connection) {
+    fn add(&self, c: zbus::Connection) -> u64 {
         let mut g = self.lock();
         g.0 = g.0.wrapping_add(1);
         let n = g.0;
         g.1.push((n, c));
+        n
+    }
+
+    fn remove(&self, n: u64) {
+        self.lock().1.retain(|(m, _)| *m != n);
+    }
+
+    /// A place for one more connection of `uid`, unless that user or all
+    /// together are at their limit.
+    fn admit(self: &Arc<Self>, uid: u32) -> Option<Slot> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let all: usize = peers.values().sum();
+        let mine = peers.entry(uid).or_insert(0);
+        if *mine >= MAX_PEERS_PER_USER || all >= MAX_PEERS {
+            return None;
+        }
+        *mine = mine.saturating_add(1);
+        Some(Slot {
+            notifier: self.clone(),
+            uid,
+        })
+    }
+
+    /// Connections open now.
+    pub fn peers(&self) -> usize {
+        self.lock().1.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<(u64, zbus::Connection)>)> {
@@ -68,14 +124,18 @@ impl Notifier {
             .into_iter()
             .flatten()
             .collect();
+        let reached = conns.len().saturating_sub(gone.len());
         if !gone.is_empty() {
             self.lock().1.retain(|(n, _)| !gone.contains(n));
+            // Closed, not just forgotten: a peer that missed a change must
+            // not go on answering from its cache (it reconnects afresh).
+            for (_, c) in conns.into_iter().filter(|(n, _)| gone.contains(n)) {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(SIGNAL_TIMEOUT, c.close()).await;
+                });
+            }
         }
-        tracing::info!(
-            device,
-            peers = conns.len().saturating_sub(gone.len()),
-            "registry change sent"
-        );
+        tracing::info!(device, peers = reached, "registry change sent");
     }
 }
 
@@ -282,6 +342,10 @@ pub async fn serve(listener: tokio::net::UnixListener, socket: PathBuf, shared: 
                 continue;
             }
         };
+        let Some(slot) = shared.notifier.admit(uid) else {
+            tracing::warn!(uid, "bus: too many connections from this user: refused");
+            continue;
+        };
         let iface = Iface {
             registry: shared.registry.clone(),
             notifier: shared.notifier.clone(),
@@ -306,11 +370,17 @@ pub async fn serve(listener: tokio::net::UnixListener, socket: PathBuf, shared: 
             match tokio::time::timeout(std::time::Duration::from_secs(5), built).await {
                 Ok(Ok(conn)) => {
                     tracing::debug!(uid, "bus peer connected");
-                    notifier.add(conn);
+                    let n = notifier.add(conn.clone());
+                    // When the peer goes (or is dropped for not taking a
+                    // change), its place and its slot are given back.
+                    conn.closed().await;
+                    notifier.remove(n);
+                    tracing::debug!(uid, "bus peer gone");
                 }
                 Ok(Err(e)) => tracing::warn!(uid, error = %e, "bus handshake"),
                 Err(_) => tracing::warn!(uid, "bus handshake timed out"),
             }
+            drop(slot);
         });
     }
 }
