@@ -2,6 +2,8 @@
 //! control socket; from a PC it pairs with boxes and manages their devices
 //! over HTTPS ([`remote`]).
 
+mod flash;
+mod pairbox;
 mod remote;
 
 use std::path::PathBuf;
@@ -22,11 +24,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The box's status and its services.
+    /// The box's status and its services: on the box from init, from a PC
+    /// from a paired box (over HTTPS, `--box`/`--host` as for `devices`).
     Status {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Which paired box (its ID); asks it over the network.
+        #[arg(long = "box")]
+        box_id: Option<String>,
+        /// Where the box is, HOST[:PORT]; asks it over the network.
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Supervised services.
     #[command(subcommand)]
@@ -64,6 +73,10 @@ enum Cmd {
         /// Which paired box (its ID); needed when this device has several.
         #[arg(long = "box")]
         box_id: Option<String>,
+        /// Where the box is, HOST[:PORT], when it moved or was never reached
+        /// (kept once the box answers with its pinned identity).
+        #[arg(long)]
+        host: Option<String>,
         #[command(subcommand)]
         cmd: Option<DevicesCmd>,
     },
@@ -71,8 +84,43 @@ enum Cmd {
     Pairing {
         #[arg(long = "box")]
         box_id: Option<String>,
+        /// Where the box is, HOST[:PORT] (as for `devices`).
+        #[arg(long)]
+        host: Option<String>,
         #[command(subcommand)]
         cmd: PairingCmd,
+    },
+    /// Pair two boxes this device owns with each other (so they can sync
+    /// and share): press both boxes' buttons, run this, then press the
+    /// first box's button once more when asked.
+    PairBox {
+        /// The box that is asked (its ID).
+        first: String,
+        /// The box that asks it (its ID).
+        second: String,
+        /// Where the second box reaches the first, HOST[:PORT] (default:
+        /// where this device reaches it).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Write a Cloudlet image to a card (or a file) and provision it: the
+    /// box's identity is made here and pinned, and this device is its
+    /// owner from the first boot, with no button press.
+    Flash {
+        /// The image (out/cloudlet-*.img).
+        image: PathBuf,
+        /// The card's block device (/dev/sdX, /dev/mmcblkN) or a file.
+        target: PathBuf,
+        /// What the box will call this device (default: this host's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Only write the image: the box makes its own identity, and the
+        /// first device pairs with the button.
+        #[arg(long)]
+        no_provision: bool,
+        /// Do not ask before overwriting a block device.
+        #[arg(long)]
+        yes: bool,
     },
     /// Stop every service in order and reboot.
     Reboot,
@@ -156,6 +204,17 @@ fn remote<F: std::future::Future<Output = Result<(), String>>>(f: F) -> Result<(
         .block_on(f)
 }
 
+/// The status of a paired box, as its web UI tells it (`/api/status`).
+fn remote_status(box_id: Option<&str>, host: Option<&str>) -> Result<Status, String> {
+    let mut got = None;
+    remote(async {
+        got = Some(remote::call_at(box_id, host, "GET", "/api/status", None).await?);
+        Ok(())
+    })?;
+    serde_json::from_value(got.unwrap_or_default())
+        .map_err(|e| format!("the box's status is not what this command understands: {e}"))
+}
+
 fn print_devices(list: &serde_json::Value) {
     let you = list["you"].as_str().unwrap_or_default();
     println!(
@@ -182,6 +241,37 @@ fn print_devices(list: &serde_json::Value) {
 fn run(cli: Cli) -> Result<(), String> {
     let sock = cli.socket.as_path();
     match cli.cmd {
+        Cmd::Flash {
+            image,
+            target,
+            name,
+            no_provision,
+            yes,
+        } => {
+            let opts = flash::Options {
+                image,
+                target,
+                name: name.unwrap_or_else(|| {
+                    nix::unistd::gethostname()
+                        .map(|h| h.to_string_lossy().into_owned())
+                        .unwrap_or_else(|_| "owner".into())
+                }),
+                provision: !no_provision,
+                yes,
+            };
+            let (cfg, sudo_user) = flash::config()?;
+            let done = flash::flash(&opts, &cfg).map_err(|e| e.to_string());
+            if let Some(u) = &sudo_user {
+                flash::give_back(&cfg, u)?;
+            }
+            let done = done?;
+            println!("Wrote {} bytes to {}.", done.bytes, opts.target.display());
+            if let Some(id) = done.box_id {
+                println!("Box ID:  {id}");
+                println!("This device is the box's owner from its first boot: once it is up,");
+                println!("`cloudlet devices --box {id}` finds it on the LAN (or add --host HOST).");
+            }
+        }
         Cmd::Discover { seconds } => {
             let found = remote::discover(seconds)?;
             if found.is_empty() {
@@ -215,29 +305,30 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", remote::pair(&host, &name, as_box).await?);
             Ok(())
         })?,
-        Cmd::Devices { box_id, cmd } => remote(async move {
-            let b = box_id.as_deref();
+        Cmd::Devices { box_id, host, cmd } => remote(async move {
+            let (b, h) = (box_id.as_deref(), host.as_deref());
             match cmd.unwrap_or(DevicesCmd::List) {
                 DevicesCmd::List => {
-                    print_devices(&remote::call(b, "GET", "/api/devices", None).await?)
+                    print_devices(&remote::call_at(b, h, "GET", "/api/devices", None).await?)
                 }
                 DevicesCmd::Rename { id, name } => {
                     let path = format!("/api/devices/{id}/name");
-                    remote::call(b, "PUT", &path, Some(serde_json::json!({"name": name}))).await?;
+                    remote::call_at(b, h, "PUT", &path, Some(serde_json::json!({"name": name})))
+                        .await?;
                     println!("renamed {id} to {name}");
                 }
                 DevicesCmd::Revoke { id } => {
-                    remote::call(b, "DELETE", &format!("/api/devices/{id}"), None).await?;
+                    remote::call_at(b, h, "DELETE", &format!("/api/devices/{id}"), None).await?;
                     println!("revoked {id}: every service refuses it now");
                 }
             }
             Ok(())
         })?,
-        Cmd::Pairing { box_id, cmd } => remote(async move {
-            let b = box_id.as_deref();
+        Cmd::Pairing { box_id, host, cmd } => remote(async move {
+            let (b, h) = (box_id.as_deref(), host.as_deref());
             match cmd {
                 PairingCmd::Show => {
-                    let s = remote::call(b, "GET", "/api/pairing", None).await?;
+                    let s = remote::call_at(b, h, "GET", "/api/pairing", None).await?;
                     match s["pending"].as_object() {
                         Some(p) => println!(
                             "{} ({}) waits to pair: read the code on that device, then `cloudlet pairing approve CODE`{}",
@@ -256,8 +347,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     }
                 }
                 PairingCmd::Approve { code } => {
-                    remote::call(
+                    remote::call_at(
                         b,
+                        h,
                         "POST",
                         "/api/pairing/approve",
                         Some(serde_json::json!({"code": code})),
@@ -268,8 +360,33 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         })?,
-        Cmd::Status { json } => {
-            let s = status(sock)?;
+        Cmd::PairBox {
+            first,
+            second,
+            address,
+        } => remote(async move {
+            println!(
+                "{}",
+                pairbox::pair_box(&first, &second, address.as_deref()).await?
+            );
+            Ok(())
+        })?,
+        Cmd::Status { json, box_id, host } => {
+            // On the box, init answers; anywhere else, a paired box does.
+            let s = if box_id.is_some() || host.is_some() || !sock.exists() {
+                remote_status(box_id.as_deref(), host.as_deref()).map_err(|e| {
+                    if sock.exists() {
+                        e
+                    } else {
+                        format!(
+                            "{e} (and {} is not here: this is not a box)",
+                            sock.display()
+                        )
+                    }
+                })?
+            } else {
+                status(sock)?
+            };
             if json {
                 println!(
                     "{}",

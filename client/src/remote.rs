@@ -8,6 +8,8 @@
 //!     device.crt     its self-signed certificate (DER): what the box pairs
 //!     boxes.json     box ID -> address, the box's identity certificate
 //!                    (base64 DER), its key's SHA-256, our device id there
+//!                    (a box pinned by `cloudlet flash` has no address
+//!                    until `--host` or mDNS gives one, nor a device id)
 //!
 //! Pairing ([`pair`]) meets a box it does not know yet: it accepts the
 //! certificate chain the box shows if it hangs together (the service's
@@ -19,24 +21,19 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::Engine;
+use cloudlet_runtime::dial::{self, with_port, Check, Conn, FirstContact};
 use cloudlet_runtime::tls;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
-
-/// The sharing service's port (pairing, devices) unless the address says.
-pub const DEFAULT_PORT: u16 = 8080;
 
 /// A box this device paired with.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PinnedBox {
-    /// Where it answered, `HOST:PORT`.
+    /// Where it answered, `HOST:PORT`; empty until known (a box pinned
+    /// by `cloudlet flash` that was never reached).
     pub addr: String,
     /// Its identity certificate, base64 DER.
     pub identity: String,
@@ -69,6 +66,16 @@ impl Config {
                 .config_dir()
                 .to_owned(),
         };
+        Config::at(dir)
+    }
+
+    /// Where it is kept.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration kept in `dir`.
+    pub fn at(dir: PathBuf) -> Result<Config, String> {
         std::fs::create_dir_all(&dir).map_err(|e| io_err("making", &dir, e))?;
         Ok(Config { dir })
     }
@@ -109,7 +116,7 @@ impl Config {
         }
     }
 
-    fn save_boxes(&self, boxes: &BTreeMap<String, PinnedBox>) -> Result<(), String> {
+    pub fn save_boxes(&self, boxes: &BTreeMap<String, PinnedBox>) -> Result<(), String> {
         let text = serde_json::to_vec_pretty(boxes).map_err(|e| e.to_string())?;
         write_private(&self.dir.join("boxes.json"), &text)
     }
@@ -141,194 +148,10 @@ impl Config {
     }
 }
 
-/// The chain a box showed on first contact, kept to pin its identity.
-#[derive(Debug, Default)]
-struct Seen(Mutex<Option<(String, CertificateDer<'static>)>>);
-
-/// First contact: accepts a chain that hangs together (a certificate for
-/// the box ID's name, signed by the identity the chain ends with), and
-/// keeps that identity. What it proves is only that the box holds that
-/// key: whether it is the right box is what the person checks (the box ID,
-/// the code, the button).
-#[derive(Debug)]
-struct FirstContact {
-    seen: Arc<Seen>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for FirstContact {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let bad = || rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding);
-        let identity = intermediates.last().ok_or_else(bad)?.clone().into_owned();
-        let spki = tls::spki_of(&identity).ok_or_else(bad)?;
-        let box_id = tls::box_id(&spki);
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(identity.clone())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let name = ServerName::try_from(tls::box_dns_name(&box_id)).map_err(|_| bad())?;
-        let ok = inner.verify_server_cert(end_entity, &[], &name, ocsp, now)?;
-        if let Ok(mut s) = self.seen.0.lock() {
-            *s = Some((box_id, identity));
-        }
-        Ok(ok)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn with_port(addr: &str) -> String {
-    if addr
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !addr.ends_with(']')
-    {
-        addr.to_owned()
-    } else {
-        format!("{addr}:{DEFAULT_PORT}")
-    }
-}
-
-/// One HTTPS connection to a box, with this device's certificate.
-struct Conn {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    host: String,
-    /// The session's pairing code.
-    code: String,
-}
-
-async fn connect(
-    addr: &str,
-    config: Arc<rustls::ClientConfig>,
-    server_name: String,
-) -> Result<Conn, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
-    let name = ServerName::try_from(server_name.clone()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS with {addr}: {e}"))?;
-    // Pairing asks for TLS 1.3; other calls show no code.
-    let code = tls::session_binding(tls.get_ref().1)
-        .map(|b| tls::pairing_code(&b))
-        .unwrap_or_default();
-    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(Conn {
-        sender,
-        host: server_name,
-        code,
-    })
-}
-
-impl Conn {
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> Result<(u16, serde_json::Value), String> {
-        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.host)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| e.to_string())?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((
-            status,
-            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-        ))
-    }
-}
-
-fn client_config(
-    cfg: &Config,
-    verifier: Option<Arc<dyn ServerCertVerifier>>,
-    root: Option<CertificateDer<'static>>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
+/// A TLS client configuration with this device's certificate.
+fn client_config(cfg: &Config, check: Check) -> Result<Arc<rustls::ClientConfig>, String> {
     let (cert, key) = cfg.device()?;
-    let b = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let b = match (verifier, root) {
-        (Some(v), _) => b.dangerous().with_custom_certificate_verifier(v),
-        (None, Some(r)) => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(r).map_err(|e| e.to_string())?;
-            b.with_root_certificates(roots)
-        }
-        (None, None) => return Err("no way to check the box".into()),
-    };
-    let config = b
-        .with_client_auth_cert(
-            vec![cert],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        )
-        .map_err(|e| e.to_string())?;
-    Ok(Arc::new(config))
+    dial::client_config(cert, key, check)
 }
 
 /// What the box said, as a message for a person.
@@ -349,21 +172,12 @@ fn explain(status: u16, body: &serde_json::Value) -> String {
 pub async fn pair(addr: &str, name: &str, as_box: bool) -> Result<String, String> {
     let cfg = Config::open()?;
     let addr = with_port(addr);
-    let seen = Arc::new(Seen::default());
-    let verifier = Arc::new(FirstContact {
-        seen: seen.clone(),
-        provider: tls::provider(),
-    });
-    let config = client_config(&cfg, Some(verifier), None)?;
+    let (verifier, seen) = FirstContact::new();
+    let config = client_config(&cfg, Check::FirstContact(verifier))?;
     // The name is checked by the verifier against the box ID the chain
     // shows; this one only has to be a valid name for the handshake.
-    let mut conn = connect(&addr, config, "cloudlet".into()).await?;
-    let (box_id, identity) = seen
-        .0
-        .lock()
-        .map_err(|_| "internal error")?
-        .clone()
-        .ok_or("the box showed no identity")?;
+    let mut conn = Conn::connect(&addr, config, "cloudlet".into()).await?;
+    let (box_id, identity) = seen.get().ok_or("the box showed no identity")?;
     println!("Box ID:  {box_id}");
     println!("Code:    {}", conn.code);
     println!("Check the box ID, press the box's button once more to confirm, and");
@@ -412,13 +226,55 @@ pub async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, String> {
+    call_at(which, None, method, path, body).await
+}
+
+/// Where to reach a pinned box: `host` when given, else the address it
+/// answered at last, else where it announces itself over mDNS.
+async fn address(box_id: &str, pinned: &PinnedBox, host: Option<&str>) -> Result<String, String> {
+    if let Some(h) = host {
+        return Ok(with_port(h));
+    }
+    if !pinned.addr.is_empty() {
+        return Ok(pinned.addr.clone());
+    }
+    let id = box_id.to_owned();
+    let found = tokio::task::spawn_blocking(move || discover_one(&id, 3))
+        .await
+        .map_err(|e| e.to_string())??;
+    found.ok_or_else(|| {
+        format!(
+            "box {box_id} has no known address and did not answer on the LAN (mDNS): \
+             give it with --host HOST[:PORT]"
+        )
+    })
+}
+
+/// [`call`] at `host` (`HOST[:PORT]`) when given. The address a box
+/// answered at with its pinned identity is kept for the next calls.
+pub async fn call_at(
+    which: Option<&str>,
+    host: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
     let cfg = Config::open()?;
     let (box_id, b) = cfg.pinned(which)?;
     let der = base64::engine::general_purpose::STANDARD
         .decode(&b.identity)
         .map_err(|e| format!("boxes.json: {e}"))?;
-    let config = client_config(&cfg, None, Some(CertificateDer::from(der)))?;
-    let mut conn = connect(&b.addr, config, tls::box_dns_name(&box_id)).await?;
+    let addr = address(&box_id, &b, host).await?;
+    let config = client_config(&cfg, Check::Pinned(CertificateDer::from(der)))?;
+    let mut conn = Conn::connect(&addr, config, tls::box_dns_name(&box_id)).await?;
+    // The handshake proved the pinned identity: this is where the box is.
+    if addr != b.addr {
+        let mut boxes = cfg.boxes()?;
+        if let Some(p) = boxes.get_mut(&box_id) {
+            p.addr = addr;
+            cfg.save_boxes(&boxes)?;
+        }
+    }
     let (status, answer) = conn.call(method, path, body).await?;
     if status / 100 != 2 {
         return Err(explain(status, &answer));
@@ -432,6 +288,22 @@ pub struct Found {
     pub host: String,
     pub addresses: Vec<std::net::IpAddr>,
     pub port: u16,
+}
+
+/// The address (`IP:PORT`) of the box `box_id` if it announces itself
+/// within `seconds`.
+fn discover_one(box_id: &str, seconds: u64) -> Result<Option<String>, String> {
+    Ok(discover(seconds)?
+        .into_iter()
+        .find(|f| f.box_id == box_id)
+        .and_then(|f| {
+            let ip = f
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(f.addresses.first())?;
+            Some(std::net::SocketAddr::new(*ip, f.port).to_string())
+        }))
 }
 
 /// `cloudlet discover`: the boxes that announce `_cloudlet._tcp` over mDNS

@@ -6,6 +6,8 @@
 //! * `pid1/boot.rs`: the factory-reset gesture, then loopback, /data,
 //!   hostname, network and clock, before any service starts;
 //! * `pid1/data.rs`: preparing the data partition, and wiping it;
+//! * `pid1/provision.rs`: moving what `cloudlet flash` left on the boot
+//!   partition into /data, for the sharing service;
 //! * `pid1/services.rs`: the services to run, from the manifest;
 //! * `pid1/inputs.rs`: reading service output, readiness and the power key;
 //! * `pid1/dispatch.rs` and `pid1/status.rs`: answering control requests;
@@ -15,6 +17,7 @@ mod boot;
 mod data;
 mod dispatch;
 mod inputs;
+mod provision;
 mod services;
 mod shutdown;
 mod status;

@@ -1,9 +1,11 @@
 //! What several test suites need and nothing ships: a deterministic random
 //! generator (so a failing run can be repeated) and an HTTP/1.1 client small
 //! enough to send exactly the bytes a test means (odd paths, ranges, chunked
-//! bodies), with no hidden retries or normalization.
+//! bodies), with no hidden retries or normalization; and small Cloudlet-shaped disk
+//! images ([`image`]).
 
 pub mod http;
+pub mod image;
 
 /// xorshift64*: small, deterministic, good enough to shake parsers and pick moments.
 pub struct Rng(pub u64);

@@ -150,6 +150,26 @@ impl Disk {
     }
 }
 
+impl Disk {
+    /// A disk that `write` makes: it gets the path of a raw image to write
+    /// (as `cloudlet flash` writes a card), which is then booted through a
+    /// copy-on-write overlay of `size`.
+    pub fn written(size: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<Disk> {
+        let dir = tempfile::Builder::new().prefix("cloudlet-vm-").tempdir()?;
+        let raw = dir.path().join("card.img");
+        write(&raw)?;
+        Disk::overlay(dir, &raw, size)
+    }
+
+    /// This disk as the guest left it, as a raw image at `to` (sparse).
+    pub fn to_raw(&self, to: &Path) -> Result<()> {
+        run(Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&self.path)
+            .arg(to))
+    }
+}
+
 /// Runs a command to success or says which one failed.
 fn run(cmd: &mut Command) -> Result<()> {
     let what = format!("{cmd:?}");

@@ -201,6 +201,23 @@ fn pressing_the_button_and_running_cloudlet_pair_pairs_the_host() -> Result<()> 
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("qemu-host  (this device)"), "{text}");
+    // And asks the box's status from the PC (no init socket here): the
+    // same report as on the box, every service ready.
+    let out = Command::new(cloudlet_bin())
+        .args(["status", "--socket", "/nonexistent/control.sock"])
+        .env("CLOUDLET_CONFIG_DIR", config.path())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("ready:   yes"), "{text}");
+    assert!(
+        text.contains("sharing") && text.contains("storage"),
+        "{text}"
+    );
     Ok(())
 }
 

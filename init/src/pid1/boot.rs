@@ -1,6 +1,7 @@
 //! PID 1's work before services start: the factory-reset gesture, then
-//! loopback, /data, hostname, network and clock. Problems are logged and the
-//! box carries on in the safest state it can: it never stops here.
+//! loopback, /data (and flash-time provisioning), hostname, network and
+//! clock. Problems are logged and the box carries on in the safest state
+//! it can: it never stops here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,7 +9,7 @@ use std::path::Path;
 use cloudlet_proto::control::{ClockSource, DataInfo};
 use tokio::sync::mpsc;
 
-use super::{data, Msg, Options};
+use super::{data, provision, Msg, Options};
 use crate::panel::{ResetAction, ResetGesture, ResetOutcome};
 use crate::system::{clock, net};
 
@@ -71,7 +72,12 @@ pub(super) fn system_boot(
     }
     let data = match &opts.disk {
         Some(disk) => match data::prepare(disk, &opts.data_dir) {
-            Ok(d) => Some(d),
+            Ok(d) => {
+                // Before any service starts: what `cloudlet flash` left on
+                // the boot partition for the sharing service.
+                provision::import(disk, &opts.data_dir, &opts.etc);
+                Some(d)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "data partition unavailable; services that need /data will fail");
                 None

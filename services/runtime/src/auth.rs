@@ -8,13 +8,33 @@
 //! and CouchDB client can send), and over mutual TLS the hash of the key the
 //! connection proved ([`PeerKey`], put in the request's extensions by the
 //! server loop).
+//!
+//! A browser paired through the box's page holds its token as the cookie
+//! [`TOKEN_COOKIE`]. A cookie is ambient: the browser sends it with
+//! requests that other sites' pages cause. So the cookie counts only when
+//! [`same_site`] says the request comes from a page of the box itself:
+//!
+//! * with an `Origin` header, that origin must be `https://` and name the
+//!   host the request was sent to (`Host`), on any port (every service of
+//!   the box is on that host);
+//! * without one, the method must be safe (GET, HEAD, OPTIONS, PROPFIND:
+//!   they change nothing), or `Sec-Fetch-Site` must say `same-origin` or
+//!   `same-site`. Browsers send `Origin` on every cross-origin request and
+//!   every request that may change something, so a request that fails this
+//!   and still carries the cookie was caused by another site.
+//!
+//! A refused cookie is 403 ([`AuthError::CrossSite`]) whatever the route.
+//! A bearer token, Basic or a client certificate wins over the cookie and
+//! is never subject to this rule: no browser sends those by itself.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use base64::Engine;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
-use hyper::StatusCode;
+use hyper::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, COOKIE, HOST, ORIGIN, WWW_AUTHENTICATE,
+};
+use hyper::{Method, StatusCode};
 
 use crate::{text, Body};
 
@@ -38,15 +58,24 @@ impl Identity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerKey(pub String);
 
+/// The cookie a browser paired through the box's page keeps its token in.
+pub const TOKEN_COOKIE: &str = "cloudlet_token";
+
 /// What a request offers as its credential.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Presented {
-    /// A token from `Authorization` (bearer, or Basic's password).
+    /// A token from `Authorization` (bearer, or Basic's password), or else
+    /// from the [`TOKEN_COOKIE`] cookie of a same-site request.
     pub token: Option<String>,
     /// The hash of the client's TLS key.
     pub key: Option<String>,
     /// `Authorization` was there but could not be read.
     pub malformed: bool,
+    /// The token came from the cookie (a browser's).
+    pub cookie: bool,
+    /// The only credential was the cookie, on a request another site caused
+    /// ([`same_site`] refused it): the token is not taken.
+    pub cross_site: bool,
 }
 
 impl Presented {
@@ -54,6 +83,17 @@ impl Presented {
     pub fn from_request<B>(req: &hyper::Request<B>) -> Presented {
         let mut p = Presented::from_headers(req.headers());
         p.key = req.extensions().get::<PeerKey>().map(|k| k.0.clone());
+        let other = p.key.is_some() || p.token.is_some() || p.malformed;
+        if !other {
+            if let Some(t) = cookie_of(req.headers()) {
+                if same_site(req.method(), req.headers()) {
+                    p.token = Some(t);
+                    p.cookie = true;
+                } else {
+                    p.cross_site = true;
+                }
+            }
+        }
         p
     }
 
@@ -94,6 +134,67 @@ fn token_of(value: &HeaderValue) -> Option<String> {
     }
 }
 
+/// The value of the [`TOKEN_COOKIE`] cookie, if the request has one (the
+/// first, if it has several: the one with the longest path comes first).
+fn cookie_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim_start_matches(' ').split_once('='))
+        .find(|(name, _)| *name == TOKEN_COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// Methods that change nothing: a cross-site page may cause them, and its
+/// script cannot read the answer (no CORS grant covers a cookie from
+/// another origin: see [`same_site`]).
+fn safe(method: &Method) -> bool {
+    *method == Method::GET
+        || *method == Method::HEAD
+        || *method == Method::OPTIONS
+        || method.as_str() == "PROPFIND"
+}
+
+/// The host name of a `Host` value or of an origin's authority, without
+/// its port, lower-cased (an IPv6 literal keeps its brackets).
+fn host_name(authority: &str) -> Option<String> {
+    let a: hyper::http::uri::Authority = authority.parse().ok()?;
+    if authority.contains('@') {
+        return None;
+    }
+    Some(a.host().to_ascii_lowercase())
+}
+
+/// Whether a request comes from a page of the box itself (the rule in the
+/// module's comment): an `Origin`, if sent, is `https://` on the host the
+/// request was sent to (any port); without one, the method is safe or
+/// `Sec-Fetch-Site` says `same-origin` or `same-site`. The browser pairing
+/// routes ask it too, so only the box's page starts a browser pairing.
+pub fn same_site(method: &Method, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(ORIGIN) else {
+        let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+        return safe(method) || matches!(fetch_site, Some("same-origin" | "same-site"));
+    };
+    let Some(authority) = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.strip_prefix("https://"))
+    else {
+        // `null`, `http://…` (a page anyone on the path can write), garbage.
+        return false;
+    };
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(host_name);
+    match (host_name(authority), host) {
+        (Some(o), Some(h)) => o == h,
+        _ => false,
+    }
+}
+
 /// What [`Authenticator::check`] returns.
 pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<Identity, AuthError>> + Send + 'a>>;
 
@@ -114,11 +215,23 @@ pub enum AuthError {
     /// nobody can say now whether it is (the registry is not reachable)
     #[error("the device registry is not reachable; try again")]
     Unavailable,
+    /// the only credential is the browser's cookie, on a request that
+    /// another site's page caused
+    #[error("this browser's credential is not accepted on a request from another site's page")]
+    CrossSite,
 }
 
 /// The answer for a refused credential: 401 asking for Basic credentials,
-/// or 503 when the registry could not be asked.
+/// 403 for a browser's cookie on another site's request, or 503 when the
+/// registry could not be asked.
 pub fn unauthorized(e: &AuthError) -> hyper::Response<Body> {
+    if *e == AuthError::CrossSite {
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            format!("{e}\n"),
+        );
+    }
     if *e == AuthError::Unavailable {
         let mut r = text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -230,6 +343,98 @@ mod tests {
             unauthorized(&AuthError::Unavailable).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    fn browser(method: &str, headers: &[(&str, &str)]) -> Presented {
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri("/x")
+            .header("host", "box.cloudlet:8443")
+            .header("cookie", "theme=dark; cloudlet_token=t0k; other=1");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        Presented::from_request(&b.body(()).unwrap())
+    }
+
+    #[test]
+    fn the_cookie_is_a_token_on_same_site_requests_and_refused_on_cross_site_changes() {
+        let taken = |p: &Presented| p.token.as_deref() == Some("t0k") && p.cookie;
+        // Reading: a navigation or a same-origin fetch without Origin.
+        for m in ["GET", "HEAD", "OPTIONS", "PROPFIND"] {
+            assert!(taken(&browser(m, &[])), "{m}");
+        }
+        // Changing, from the box's own pages: any port of the same host.
+        for origin in [
+            "https://box.cloudlet:8080",
+            "https://BOX.cloudlet",
+            "https://box.cloudlet:8443",
+        ] {
+            for m in ["PUT", "DELETE", "POST", "MOVE", "GET"] {
+                assert!(taken(&browser(m, &[("origin", origin)])), "{m} {origin}");
+            }
+        }
+        assert!(taken(&browser("PUT", &[("sec-fetch-site", "same-origin")])));
+        assert!(taken(&browser("PUT", &[("sec-fetch-site", "same-site")])));
+        // Another site, plain HTTP (anyone on the path writes those pages),
+        // an opaque origin, or an unsafe method with nothing to tell.
+        for (m, h) in [
+            ("PUT", vec![("origin", "https://evil.example")]),
+            ("DELETE", vec![("origin", "https://evil.example:8443")]),
+            ("PUT", vec![("origin", "http://box.cloudlet:8080")]),
+            ("POST", vec![("origin", "null")]),
+            ("PUT", vec![("origin", "https://user@box.cloudlet")]),
+            ("PUT", vec![]),
+            ("DELETE", vec![("sec-fetch-site", "cross-site")]),
+            // A cross-origin read that CORS might otherwise let a page see.
+            ("GET", vec![("origin", "https://evil.example")]),
+            ("GET", vec![("origin", "http://box.cloudlet:8080")]),
+        ] {
+            let p = browser(m, &h);
+            assert!(p.cross_site && p.token.is_none(), "{m} {h:?}");
+        }
+        // A bearer token wins over the cookie and is not subject to the rule.
+        let p = browser(
+            "PUT",
+            &[
+                ("origin", "https://evil.example"),
+                ("authorization", "Bearer b"),
+            ],
+        );
+        assert_eq!(
+            (p.token.as_deref(), p.cookie, p.cross_site),
+            (Some("b"), false, false)
+        );
+        // The name must match exactly; no cookie is no credential.
+        let mut req = hyper::Request::new(());
+        req.headers_mut().insert(
+            COOKIE,
+            HeaderValue::from_static("xcloudlet_token=a; cloudlet_tokenx=b"),
+        );
+        assert_eq!(Presented::from_request(&req), Presented::default());
+        assert_eq!(
+            unauthorized(&AuthError::CrossSite).status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
+    fn same_site_compares_host_names_without_ports_ipv6_included() {
+        let h = |host: &str, origin: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(HOST, HeaderValue::from_str(host).unwrap());
+            m.insert(ORIGIN, HeaderValue::from_str(origin).unwrap());
+            same_site(&Method::PUT, &m)
+        };
+        assert!(h("[::1]:8443", "https://[::1]:8080"));
+        assert!(!h("[::1]:8443", "https://[::2]:8080"));
+        assert!(h("192.168.1.5:8443", "https://192.168.1.5:8080"));
+        assert!(!h("192.168.1.5:8443", "https://192.168.1.50:8080"));
+        assert!(!h("box.cloudlet", "https://box.cloudlet.evil.example"));
+        // No Host: nothing to compare with.
+        let mut m = HeaderMap::new();
+        m.insert(ORIGIN, HeaderValue::from_static("https://box.cloudlet"));
+        assert!(!same_site(&Method::PUT, &m));
     }
 
     #[test]

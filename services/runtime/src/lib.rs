@@ -14,6 +14,7 @@
 pub mod auth;
 mod body;
 mod conn_limit;
+pub mod dial;
 mod limits;
 pub mod registry;
 pub mod router;

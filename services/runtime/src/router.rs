@@ -25,7 +25,7 @@ use hyper::body::Bytes;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::auth::{unauthorized, Authenticator, Presented};
+use crate::auth::{unauthorized, AuthError, Authenticator, Presented};
 
 /// Largest request body a route takes unless it says otherwise.
 pub const DEFAULT_BODY_LIMIT: u64 = 64 << 10;
@@ -253,7 +253,13 @@ impl Router {
         let public = chosen.is_some_and(|(r, _)| r.public);
         let mut req = req;
         if !public {
-            match self.auth.check(Presented::from_request(&req)).await {
+            let presented = Presented::from_request(&req);
+            let checked = if presented.cross_site {
+                Err(AuthError::CrossSite)
+            } else {
+                self.auth.check(presented).await
+            };
+            match checked {
                 // Handlers that act on who asks (an owner's requests) read it here.
                 Ok(who) => {
                     req.extensions_mut().insert(who);

@@ -187,6 +187,98 @@ pub fn pairing_code(b: &SessionBinding) -> String {
     format!("{n:06}")
 }
 
+/// The box identity's self-signed CA certificate for `box_id`: a CA that
+/// may sign service certificates only (path length 0), valid from 2000 to
+/// 9999 (the box's clock may be unset, and what a client trusts is the
+/// pinned key, not a date). The sharing service makes it on first start,
+/// and `cloudlet flash` makes it on a PC in exactly the same form.
+pub fn identity_params(box_id: &str) -> rcgen::CertificateParams {
+    use rcgen::{BasicConstraints, DnType, IsCa, KeyUsagePurpose};
+    let mut p = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("Cloudlet {box_id}"));
+    dn.push(DnType::OrganizationName, "Cloudlet box");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    p.not_after = rcgen::date_time_ymd(9999, 12, 31);
+    p
+}
+
+/// A box identity: its ECDSA P-256 key, the self-signed certificate that
+/// says so, and the names derived from the key.
+pub struct IdentityKeys {
+    pub key: rcgen::KeyPair,
+    pub params: rcgen::CertificateParams,
+    /// The certificate (DER).
+    pub cert_der: Vec<u8>,
+    pub box_id: String,
+    /// [`key_hash`] of the key: what clients pin.
+    pub key_hash: String,
+}
+
+impl IdentityKeys {
+    /// A new identity key and its certificate.
+    pub fn generate() -> Result<IdentityKeys, rcgen::Error> {
+        IdentityKeys::from_key(rcgen::KeyPair::generate_for(
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        )?)
+    }
+
+    /// The identity of an existing key (PKCS#8 DER), its certificate made anew.
+    pub fn from_pkcs8(der: &[u8]) -> Result<IdentityKeys, rcgen::Error> {
+        IdentityKeys::from_key(rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+            &PrivatePkcs8KeyDer::from(der),
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        )?)
+    }
+
+    fn from_key(key: rcgen::KeyPair) -> Result<IdentityKeys, rcgen::Error> {
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let box_id = box_id(&spki);
+        let params = identity_params(&box_id);
+        let cert_der = params.self_signed(&key)?.der().to_vec();
+        Ok(IdentityKeys {
+            key_hash: key_hash(&spki),
+            key,
+            params,
+            cert_der,
+            box_id,
+        })
+    }
+
+    /// The key's SubjectPublicKeyInfo (DER).
+    pub fn spki(&self) -> Vec<u8> {
+        rcgen::PublicKeyData::subject_public_key_info(&self.key)
+    }
+}
+
+/// DER as PEM text with `label` (`CERTIFICATE`, `PRIVATE KEY`).
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// The DER inside the first PEM block labelled `label` in `text`, if
+/// there is one and it decodes.
+pub fn from_pem(label: &str, text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let (_, rest) = text.split_once(begin.as_str())?;
+    let (body, _) = rest.split_once(end.as_str())?;
+    let b64: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +310,29 @@ mod tests {
             pairing_code(&SessionBinding([0xff; 32])),
             format!("{:06}", u32::MAX % 1_000_000)
         );
+    }
+
+    #[test]
+    fn an_identity_names_its_own_key_and_survives_pem() {
+        let a = IdentityKeys::generate().unwrap();
+        let cert = CertificateDer::from(a.cert_der.clone());
+        assert_eq!(spki_of(&cert).unwrap(), a.spki());
+        assert_eq!(a.box_id, box_id(&a.spki()));
+        assert_eq!(a.key_hash, key_hash(&a.spki()));
+        let key_pem = pem("PRIVATE KEY", &a.key.serialize_der());
+        assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        let again = IdentityKeys::from_pkcs8(&from_pem("PRIVATE KEY", &key_pem).unwrap()).unwrap();
+        assert_eq!(again.box_id, a.box_id);
+        let cert_pem = pem("CERTIFICATE", &a.cert_der);
+        assert_eq!(from_pem("CERTIFICATE", &cert_pem).unwrap(), a.cert_der);
+        assert_eq!(from_pem("PRIVATE KEY", &cert_pem), None, "wrong label");
+        assert_eq!(
+            from_pem(
+                "CERTIFICATE",
+                "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n"
+            ),
+            None
+        );
+        assert_ne!(IdentityKeys::generate().unwrap().box_id, a.box_id);
     }
 }

@@ -12,10 +12,8 @@ use std::path::Path;
 
 use cloudlet_runtime::tls;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    CertificateParams, DistinguishedName, DnType, Issuer, KeyPair, SanType, PKCS_ECDSA_P256_SHA256,
 };
-use rustls::pki_types::PrivatePkcs8KeyDer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -60,60 +58,40 @@ pub fn host_names() -> Vec<String> {
     vec![format!("{h}.local"), h]
 }
 
-fn ca_params(box_id: &str) -> CertificateParams {
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("Cloudlet {box_id}"));
-    dn.push(DnType::OrganizationName, "Cloudlet box");
-    p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    // Valid from 2000 to 9999: the box's clock may be unset, and what a
-    // client trusts is the pinned key, not a date.
-    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
-    p.not_after = rcgen::date_time_ymd(9999, 12, 31);
-    p
-}
-
 impl Identity {
     /// Loads the identity from `dir`, or makes one (first start).
     pub fn load_or_create(dir: &Path) -> Result<Identity, IdentityError> {
         let key_path = dir.join("identity.key");
-        let key = match std::fs::read(&key_path) {
-            Ok(der) => KeyPair::from_pkcs8_der_and_sign_algo(
-                &PrivatePkcs8KeyDer::from(der),
-                &PKCS_ECDSA_P256_SHA256,
-            )?,
+        let made = match std::fs::read(&key_path) {
+            Ok(der) => tls::IdentityKeys::from_pkcs8(&der)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-                cloudlet_runtime::write_private(&key_path, &key.serialize_der())
+                let made = tls::IdentityKeys::generate()?;
+                cloudlet_runtime::write_private(&key_path, &made.key.serialize_der())
                     .map_err(io(&key_path))?;
                 tracing::info!("made the box's identity key");
-                key
+                made
             }
             Err(e) => return Err(io(&key_path)(e)),
         };
-        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-        let box_id = tls::box_id(&spki);
-        let key_hash = tls::key_hash(&spki);
-        let params = ca_params(&box_id);
+        let spki = made.spki();
         let cert_path = dir.join("identity.crt");
         // The certificate is remade from the key when missing; what clients
-        // pin is the key, which stays.
+        // pin is the key, which stays. One that names the key is kept as it
+        // is (its signature's bytes differ from a new one's).
         let cert_der = match std::fs::read(&cert_path) {
             Ok(der) if tls::spki_of(&der.clone().into()).as_deref() == Some(spki.as_slice()) => der,
             _ => {
-                let der = params.self_signed(&key)?.der().to_vec();
-                cloudlet_runtime::write_private(&cert_path, &der).map_err(io(&cert_path))?;
-                der
+                cloudlet_runtime::write_private(&cert_path, &made.cert_der)
+                    .map_err(io(&cert_path))?;
+                made.cert_der
             }
         };
         Ok(Identity {
-            key,
-            params,
+            key: made.key,
+            params: made.params,
             cert_der,
-            box_id,
-            key_hash,
+            box_id: made.box_id,
+            key_hash: made.key_hash,
         })
     }
 
@@ -145,16 +123,14 @@ impl Identity {
         ))
     }
 
+    /// The identity key (PKCS#8 DER), for this box to present its identity
+    /// certificate when it calls another box (box-to-box pairing).
+    pub fn key_der(&self) -> Vec<u8> {
+        self.key.serialize_der()
+    }
+
     /// The identity certificate as PEM, for people and browsers to install.
     pub fn cert_pem(&self) -> String {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(&self.cert_der);
-        let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(line));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-        out
+        tls::pem("CERTIFICATE", &self.cert_der)
     }
 }

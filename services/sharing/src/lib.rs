@@ -5,10 +5,13 @@
 //! sharing issue.
 
 pub mod announce;
+pub mod browser;
 pub mod bus;
 pub mod identity;
+pub mod join;
 pub mod pair;
 pub mod pairing;
+pub mod provision;
 pub mod registry;
 
 use cloudlet_proto::control::{self, ClockSource, Request, Response, Status};
@@ -198,6 +201,8 @@ pub struct Devices {
     pub notifier: Arc<bus::Notifier>,
     pub identity: Option<Arc<identity::Identity>>,
     pub pairing: Option<Arc<pair::Pairing>>,
+    /// This box asking another to pair (box-to-box).
+    pub join: Option<Arc<join::Join>>,
 }
 
 fn who(req: &hyper::Request<RoutedBody>) -> Option<&Identity> {
@@ -325,13 +330,28 @@ pub fn routes(auth: Arc<dyn Authenticator>, devices: Option<Devices>) -> Router 
     let (list, revoke, rename) = (d.clone(), d.clone(), d.clone());
     let r = match d.pairing.clone() {
         Some(p) => {
-            let (ask, state, approve) = (p.clone(), p.clone(), p);
+            let (ask, state, approve) = (p.clone(), p.clone(), p.clone());
+            let (browser_ask, browser_wait) = (p.clone(), p);
             // Public: the one door for a device that is not paired yet. It
             // pairs nothing without the button (and an owner, once there is
             // one), and needs TLS with the device's own certificate.
             r.public(Method::POST, "/pair", move |req, _| {
                 let p = ask.clone();
                 async move { p.request(req).await }
+            })
+            .body_limit(pair::PAIR_BODY_LIMIT)
+            // Public: the page a browser pairs through, its script, and the
+            // two calls it makes (same-site only; the same window and rules).
+            .public(Method::GET, "/pair", |_, _| async { browser::page() })
+            .public(Method::GET, "/pair.js", |_, _| async { browser::script() })
+            .public(Method::POST, "/pair/browser", move |req, _| {
+                let p = browser_ask.clone();
+                async move { p.browser_request(req).await }
+            })
+            .body_limit(pair::PAIR_BODY_LIMIT)
+            .public(Method::POST, "/pair/browser/wait", move |req, _| {
+                let p = browser_wait.clone();
+                async move { p.browser_wait(req).await }
             })
             .body_limit(pair::PAIR_BODY_LIMIT)
             .route(Method::GET, "/api/pairing", move |req, _| {
@@ -341,6 +361,21 @@ pub fn routes(auth: Arc<dyn Authenticator>, devices: Option<Devices>) -> Router 
             .route(Method::POST, "/api/pairing/approve", move |req, _| {
                 let p = approve.clone();
                 async move { p.approve(req).await }
+            })
+        }
+        None => r,
+    };
+    let r = match d.join.clone() {
+        Some(j) => {
+            let (start, state) = (j.clone(), j);
+            r.route(Method::POST, "/api/pairing/join", move |req, _| {
+                let j = start.clone();
+                async move { j.start(req).await }
+            })
+            .body_limit(join::JOIN_BODY_LIMIT)
+            .route(Method::GET, "/api/pairing/join", move |req, _| {
+                let j = state.clone();
+                async move { j.state(who(&req)) }
             })
         }
         None => r,
@@ -388,6 +423,8 @@ pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
     let dir = opts.state_dir.clone();
     let (registry, identity) = tokio::task::spawn_blocking(move || {
         let r = Registry::open(&dir).map_err(std::io::Error::other)?;
+        // What `cloudlet flash` put on the card, before an identity is made.
+        provision::at_start(&dir, &r)?;
         let i = identity::Identity::load_or_create(&dir).map_err(std::io::Error::other)?;
         Ok::<_, std::io::Error>((r, i))
     })
@@ -438,6 +475,12 @@ pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
     let router = Arc::new(routes(
         auth,
         Some(Devices {
+            join: Some(join::Join::new(
+                registry.clone(),
+                notifier.clone(),
+                identity.clone(),
+                pairing.clone(),
+            )),
             registry,
             notifier,
             identity: Some(identity),

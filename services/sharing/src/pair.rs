@@ -8,6 +8,9 @@
 //! ([`cloudlet_runtime::tls::SessionBinding`]). Its request waits until the
 //! window settles it: paired (200, with its device id and the box's ID and
 //! key to pin), or refused with the reason.
+//!
+//! A browser asks through the box's page instead ([`crate::browser`]); it
+//! waits in the same window, and what it gets is a token in a cookie.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,32 +24,45 @@ use cloudlet_runtime::{json, Body};
 use hyper::StatusCode;
 use tokio::sync::oneshot;
 
-use crate::pairing::{self, Action, Kind, Pending, Refusal, Window};
+use crate::browser::BrowserRequest;
+use crate::pairing::{self, Action, Credential, Kind, Pending, Refusal, Window};
 use crate::registry::{NewDevice, PairedHow, Registry, Role};
 use crate::{bus, identity};
 
 /// Largest `POST /pair` body.
 pub const PAIR_BODY_LIMIT: u64 = 1024;
 
+/// A device the window paired. (No `Debug`: the token is not to be logged.)
+pub(crate) struct Paired {
+    /// The answer to its request.
+    pub answer: serde_json::Value,
+    /// Its id in the registry.
+    pub device: String,
+    /// The token made for it (a browser's), to give once and forget.
+    pub token: Option<String>,
+}
+
 /// How a waiting request ends.
-type Outcome = Result<serde_json::Value, Refusal>;
+pub(crate) type Outcome = Result<Paired, Refusal>;
 
 pub struct Pairing {
     /// init's control socket, to tell the LEDs.
     control: std::path::PathBuf,
-    window: Mutex<Window>,
-    /// Each waiting request's answer channel, by key, with the request's
-    /// number (a retry from the same device replaces it).
-    waiters: Mutex<HashMap<String, (u64, oneshot::Sender<Outcome>)>>,
-    serial: std::sync::atomic::AtomicU64,
-    registry: Arc<Registry>,
-    notifier: Arc<bus::Notifier>,
-    identity: Arc<identity::Identity>,
+    pub(crate) window: Mutex<Window>,
+    /// Each waiting request's answer channel, by credential, with the
+    /// request's number (a retry from the same device replaces it).
+    pub(crate) waiters: Mutex<HashMap<Credential, (u64, oneshot::Sender<Outcome>)>>,
+    pub(crate) serial: std::sync::atomic::AtomicU64,
+    /// Browser requests, by the hash of their secret id ([`crate::browser`]).
+    pub(crate) browsers: Mutex<HashMap<String, BrowserRequest>>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) notifier: Arc<bus::Notifier>,
+    pub(crate) identity: Arc<identity::Identity>,
     /// Wakes the timer when the window opens.
     opened: tokio::sync::Notify,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -73,7 +89,7 @@ fn refusal_name(r: &Refusal) -> &'static str {
     }
 }
 
-fn refused(r: &Refusal) -> hyper::Response<Body> {
+pub(crate) fn refused(r: &Refusal) -> hyper::Response<Body> {
     json(
         refusal_status(r),
         &serde_json::json!({"error": refusal_name(r), "reason": r.to_string()}),
@@ -84,7 +100,7 @@ fn refused(r: &Refusal) -> hyper::Response<Body> {
 /// client went away): it must not be paired behind its back.
 struct Waiting<'a> {
     pairing: &'a Pairing,
-    key: String,
+    key: Credential,
     serial: u64,
     done: bool,
 }
@@ -119,6 +135,7 @@ impl Pairing {
             control,
             window: Mutex::new(Window::default()),
             waiters: Mutex::new(HashMap::new()),
+            browsers: Mutex::new(HashMap::new()),
             serial: std::sync::atomic::AtomicU64::new(0),
             registry,
             notifier,
@@ -128,9 +145,23 @@ impl Pairing {
     }
 
     /// The box's button was pressed once.
-    pub async fn press(&self) {
+    pub async fn press(self: &Arc<Self>) {
         let has_owner = self.has_owner().await;
         let actions = lock(&self.window).press(Instant::now(), has_owner);
+        self.carry_out(actions).await;
+    }
+
+    /// The window is open now (a press came less than
+    /// [`pairing::WINDOW`] ago and nothing closed it).
+    pub fn is_open(&self) -> bool {
+        lock(&self.window)
+            .deadline()
+            .is_some_and(|t| t > Instant::now())
+    }
+
+    /// This box paired with a box it asked to: the window closes.
+    pub async fn close(self: &Arc<Self>) {
+        let actions = lock(&self.window).used();
         self.carry_out(actions).await;
     }
 
@@ -147,7 +178,7 @@ impl Pairing {
 
     /// Does what the window decided: LED news in the log, devices paired,
     /// waiting requests answered.
-    async fn carry_out(&self, actions: Vec<Action>) {
+    pub(crate) async fn carry_out(self: &Arc<Self>, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::WindowOpened => {
@@ -165,9 +196,9 @@ impl Pairing {
                 }
                 Action::Pair { pending, owner } => {
                     let outcome = self.pair(pending.clone(), owner).await;
-                    self.answer(&pending.key, outcome);
+                    self.answer(&pending.credential, outcome);
                 }
-                Action::Refuse { key, why } => self.answer(&key, Err(why)),
+                Action::Refuse { credential, why } => self.answer(&credential, Err(why)),
             }
         }
     }
@@ -184,13 +215,21 @@ impl Pairing {
         });
     }
 
-    fn answer(&self, key: &str, outcome: Outcome) {
-        if let Some((_, tx)) = lock(&self.waiters).remove(key) {
-            let _ = tx.send(outcome);
+    /// Gives a request its answer: to its waiting request if there is one;
+    /// a browser's is held for its next wait ([`crate::browser`]).
+    fn answer(self: &Arc<Self>, credential: &Credential, outcome: Outcome) {
+        let waiter = lock(&self.waiters).remove(credential);
+        let unsent = match waiter {
+            Some((_, tx)) => tx.send(outcome).err(),
+            None => Some(outcome),
+        };
+        if let (Some(outcome), Credential::Browser(hash)) = (unsent, credential) {
+            self.hold(hash, outcome);
         }
     }
 
     async fn pair(&self, p: Pending, owner: bool) -> Outcome {
+        let browser = p.credential.is_browser();
         let role = match (p.kind, owner) {
             (Kind::Box, _) => Role::Box,
             (Kind::Device, true) => Role::Owner,
@@ -202,31 +241,42 @@ impl Pairing {
             PairedHow::Button
         };
         let r = self.registry.clone();
+        // A key is paired as it is; a browser gets a fresh token, kept
+        // hashed.
         let new = NewDevice {
             name: p.name.clone(),
             role,
             how,
-            key: Some(p.key.clone()),
-            token: false,
+            key: match &p.credential {
+                Credential::Key(k) => Some(k.clone()),
+                Credential::Browser(_) => None,
+            },
+            token: browser,
         };
         let added = tokio::task::spawn_blocking(move || r.add(new)).await;
         match added {
-            Ok(Ok((device, _))) => {
+            Ok(Ok((device, token))) => {
                 // Every owner sees it in the device list; the log says it too.
                 tracing::warn!(
                     device = %device.id,
                     name = %device.name,
                     role = role.as_str(),
                     how = ?how,
+                    via = if browser { "browser" } else { "key" },
                     "a new device was paired"
                 );
                 self.notifier.changed(&device.id).await;
-                Ok(serde_json::json!({
-                    "device": device.id,
-                    "role": role.as_str(),
-                    "box_id": self.identity.box_id,
-                    "box_key": self.identity.key_hash,
-                }))
+                Ok(Paired {
+                    answer: serde_json::json!({
+                        "device": device.id,
+                        "name": device.name,
+                        "role": role.as_str(),
+                        "box_id": self.identity.box_id,
+                        "box_key": self.identity.key_hash,
+                    }),
+                    device: device.id,
+                    token,
+                })
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "pairing: the registry refused the device");
@@ -286,10 +336,10 @@ impl Pairing {
         let serial = self
             .serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.waiters).insert(key.clone(), (serial, tx));
+        lock(&self.waiters).insert(Credential::Key(key.clone()), (serial, tx));
         let mut waiting = Waiting {
             pairing: self,
-            key: key.clone(),
+            key: Credential::Key(key.clone()),
             serial,
             done: false,
         };
@@ -297,7 +347,7 @@ impl Pairing {
         let actions = lock(&self.window).request(
             Instant::now(),
             Pending {
-                key,
+                credential: Credential::Key(key),
                 name,
                 kind,
                 code,
@@ -309,7 +359,7 @@ impl Pairing {
         let outcome = tokio::time::timeout(pairing::WINDOW + Duration::from_secs(5), rx).await;
         waiting.done = true;
         match outcome {
-            Ok(Ok(Ok(paired))) => json(StatusCode::OK, &paired),
+            Ok(Ok(Ok(paired))) => json(StatusCode::OK, &paired.answer),
             Ok(Ok(Err(why))) => refused(&why),
             _ => refused(&Refusal::TimedOut),
         }
@@ -324,7 +374,11 @@ impl Pairing {
         let pending = w.pending().map(|p| {
             serde_json::json!({
                 "name": p.name,
-                "kind": if p.kind == Kind::Box { "box" } else { "device" },
+                "kind": match (p.kind, &p.credential) {
+                    (Kind::Box, _) => "box",
+                    (Kind::Device, Credential::Browser(_)) => "browser",
+                    (Kind::Device, Credential::Key(_)) => "device",
+                },
                 // Not the code: the owner is to read it off the new device
                 // and type it, or the check against a relay means nothing.
                 "pressed": p.pressed,
@@ -338,7 +392,10 @@ impl Pairing {
 
     /// `POST /api/pairing/approve` with `{"code": "123456"}`: an owner
     /// approves the waiting device by the code that device shows.
-    pub async fn approve(&self, req: hyper::Request<RoutedBody>) -> hyper::Response<Body> {
+    pub async fn approve(
+        self: &Arc<Self>,
+        req: hyper::Request<RoutedBody>,
+    ) -> hyper::Response<Body> {
         use http_body_util::BodyExt;
         if !req.extensions().get::<Who>().is_some_and(Who::is_owner) {
             return crate::owners_only();

@@ -4,8 +4,11 @@
 //! rule is tested exactly.
 //!
 //! * A press opens one window for [`WINDOW`]. A device asks to pair inside
-//!   it (over TLS with its own key; both ends derive the same six-digit code
-//!   from the TLS session) and waits.
+//!   it and waits: a native client over TLS with its own key (both ends
+//!   derive the same six-digit code from the TLS session), or a browser
+//!   through the box's page (the box makes its code from the request's
+//!   secret and tells it to that browser only). Both kinds wait in the
+//!   same window under the same rules ([`Credential`]).
 //! * A second press inside the window confirms the one waiting device. On a
 //!   box with no owner yet, that is enough: the device becomes its owner.
 //!   Once an owner exists, an owner device must also approve, by typing the
@@ -17,6 +20,7 @@
 //!   a fresh press is needed.
 //! * [`MAX_WRONG_CODES`] wrong codes close the window: codes cannot be guessed.
 //! * One success closes the window.
+//! * A browser is never made an owner: it pairs as a device.
 
 use std::time::{Duration, Instant};
 
@@ -34,14 +38,40 @@ pub enum Kind {
     Box,
 }
 
+/// What a waiting request would pair, and how it is told apart from
+/// another request (two different ones in a window are an overlap).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Credential {
+    /// A native client's key: the SHA-256 of its public key (hex), proved by
+    /// mutual TLS. The key is what gets paired.
+    Key(String),
+    /// A browser's request on the box's page, by the hash of the request's
+    /// secret id. What gets paired is a fresh token, given to that browser
+    /// as a cookie.
+    Browser(String),
+}
+
+impl Credential {
+    /// The hash that names it (a key's, or a browser request's).
+    pub fn id(&self) -> &str {
+        match self {
+            Credential::Key(k) | Credential::Browser(k) => k,
+        }
+    }
+
+    pub fn is_browser(&self) -> bool {
+        matches!(self, Credential::Browser(_))
+    }
+}
+
 /// A device waiting in the window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    /// SHA-256 of its public key (hex).
-    pub key: String,
+    pub credential: Credential,
     pub name: String,
     pub kind: Kind,
-    /// The six digits both ends derive from their TLS session.
+    /// The six digits the new device shows: from the TLS session for a
+    /// key, made by the box for a browser.
     pub code: String,
     /// The confirming press came.
     pub pressed: bool,
@@ -80,7 +110,10 @@ pub enum Action {
     /// Pair this device (as owner when `owner`), answer its request.
     Pair { pending: Pending, owner: bool },
     /// Answer the waiting device's request with this refusal.
-    Refuse { key: String, why: Refusal },
+    Refuse {
+        credential: Credential,
+        why: Refusal,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -130,7 +163,7 @@ impl Window {
         let mut out = self.tick(now);
         if self.open_until.is_none() {
             out.push(Action::Refuse {
-                key: p.key,
+                credential: p.credential,
                 why: Refusal::Closed,
             });
             return out;
@@ -138,7 +171,7 @@ impl Window {
         match self.pending.take() {
             // The same device again (its connection dropped): it waits on,
             // keeping a press or an approval it already has.
-            Some(old) if old.key == p.key => {
+            Some(old) if old.credential == p.credential => {
                 self.pending = Some(Pending {
                     pressed: old.pressed,
                     approved: old.approved,
@@ -148,9 +181,9 @@ impl Window {
             Some(old) => {
                 out.extend(self.close());
                 out.push(Action::Failed(Refusal::Overlap));
-                for key in [old.key, p.key] {
+                for credential in [old.credential, p.credential] {
                     out.push(Action::Refuse {
-                        key,
+                        credential,
                         why: Refusal::Overlap,
                     });
                 }
@@ -169,11 +202,11 @@ impl Window {
         if !cloudlet_runtime::auth::equal(p.code.as_bytes(), code.as_bytes()) {
             self.wrong_codes = self.wrong_codes.saturating_add(1);
             if self.wrong_codes >= MAX_WRONG_CODES {
-                let key = p.key.clone();
+                let credential = p.credential.clone();
                 out.extend(self.close());
                 out.push(Action::Failed(Refusal::TooManyWrongCodes));
                 out.push(Action::Refuse {
-                    key,
+                    credential,
                     why: Refusal::TooManyWrongCodes,
                 });
                 // The owner's request is answered with the same reason.
@@ -187,21 +220,40 @@ impl Window {
     }
 
     /// A device gave up waiting (its request ended): it is no longer pending.
-    pub fn withdraw(&mut self, key: &str) {
-        if self.pending.as_ref().is_some_and(|p| p.key == key) {
+    pub fn withdraw(&mut self, credential: &Credential) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.credential == *credential)
+        {
             self.pending = None;
         }
+    }
+
+    /// This box paired with another box it asked to (box-to-box pairing):
+    /// that success closes the window like any other, refusing whoever
+    /// waits in it.
+    pub fn used(&mut self) -> Vec<Action> {
+        let waiting = self.pending.as_ref().map(|p| p.credential.clone());
+        let mut out = self.close();
+        if let Some(credential) = waiting {
+            out.push(Action::Refuse {
+                credential,
+                why: Refusal::Closed,
+            });
+        }
+        out
     }
 
     /// Time passed: a window that is due closes, refusing who waits.
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         match self.open_until {
             Some(t) if t <= now => {
-                let waiting = self.pending.as_ref().map(|p| p.key.clone());
+                let waiting = self.pending.as_ref().map(|p| p.credential.clone());
                 let mut out = self.close();
-                if let Some(key) = waiting {
+                if let Some(credential) = waiting {
                     out.push(Action::Refuse {
-                        key,
+                        credential,
                         why: Refusal::TimedOut,
                     });
                 }
@@ -225,8 +277,10 @@ impl Window {
             return Vec::new();
         };
         let mut out = self.close();
-        // The first device of a box is its owner; other boxes are boxes.
-        let owner = !has_owner && p.kind == Kind::Device;
+        // The first device of a box is its owner; other boxes are boxes. A
+        // browser is not: its cookie is an ambient credential, and it cannot
+        // pin the box's key, so owning the box is left to a native client.
+        let owner = !has_owner && p.kind == Kind::Device && !p.credential.is_browser();
         out.push(Action::Pair { pending: p, owner });
         out
     }
@@ -248,7 +302,7 @@ mod tests {
 
     fn dev(key: &str, code: &str) -> Pending {
         Pending {
-            key: key.into(),
+            credential: Credential::Key(key.into()),
             name: format!("device {key}"),
             kind: Kind::Device,
             code: code.into(),
@@ -259,16 +313,30 @@ mod tests {
 
     fn paired(actions: &[Action]) -> Option<(&str, bool)> {
         actions.iter().find_map(|a| match a {
-            Action::Pair { pending, owner } => Some((pending.key.as_str(), *owner)),
+            Action::Pair { pending, owner } => Some((pending.credential.id(), *owner)),
             _ => None,
         })
     }
 
     fn refused(actions: &[Action], key: &str) -> Option<Refusal> {
         actions.iter().find_map(|a| match a {
-            Action::Refuse { key: k, why } if k == key => Some(why.clone()),
+            Action::Refuse { credential, why } if credential.id() == key => Some(why.clone()),
             _ => None,
         })
+    }
+
+    #[test]
+    fn pairing_with_another_box_uses_up_the_window_and_refuses_who_waits() {
+        let t = Instant::now();
+        let mut w = Window::default();
+        w.press(t, true);
+        w.request(t, dev("a", "111111"));
+        let out = w.used();
+        assert!(out.contains(&Action::WindowClosed));
+        assert_eq!(refused(&out, "a"), Some(Refusal::Closed));
+        assert!(!w.is_open());
+        // A second press opens a fresh window, as after any success.
+        assert!(w.press(t, true).contains(&Action::WindowOpened));
     }
 
     #[test]
@@ -351,6 +419,119 @@ mod tests {
         assert!(out.contains(&Action::Failed(Refusal::TooManyWrongCodes)));
         assert!(!w.is_open());
         assert_eq!(w.approve(t, "654321"), Err(Refusal::NothingPending));
+    }
+
+    fn browser(id: &str, code: &str) -> Pending {
+        Pending {
+            credential: Credential::Browser(id.into()),
+            ..dev(id, code)
+        }
+    }
+
+    fn refused_browser(actions: &[Action], id: &str) -> Option<Refusal> {
+        actions.iter().find_map(|a| match a {
+            Action::Refuse {
+                credential: Credential::Browser(b),
+                why,
+            } if b == id => Some(why.clone()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_browser_needs_the_window_and_a_second_press_and_is_never_made_owner() {
+        let t = Instant::now();
+        let mut w = Window::default();
+        let out = w.request(t, browser("b", "123456"));
+        assert_eq!(refused_browser(&out, "b"), Some(Refusal::Closed));
+        w.press(t, false);
+        assert!(w.request(t, browser("b", "123456")).is_empty(), "it waits");
+        assert!(w.pending().unwrap().credential.is_browser());
+        let out = w.press(t, false);
+        let (pending, owner) = out
+            .iter()
+            .find_map(|a| match a {
+                Action::Pair { pending, owner } => Some((pending, *owner)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(pending.credential, Credential::Browser("b".into()));
+        assert!(
+            !owner,
+            "a browser pairs as a device even on a box without owner"
+        );
+        assert!(!w.is_open());
+        // Without the second press, the window times out on it.
+        w.press(t, false);
+        w.request(t, browser("c", "1"));
+        let out = w.tick(t + WINDOW);
+        assert_eq!(refused_browser(&out, "c"), Some(Refusal::TimedOut));
+    }
+
+    #[test]
+    fn once_an_owner_exists_a_browser_needs_its_code_approved_and_guesses_are_limited() {
+        let t = Instant::now();
+        let mut w = Window::default();
+        w.press(t, true);
+        w.request(t, browser("b", "246810"));
+        assert!(paired(&w.press(t, true)).is_none(), "the press alone");
+        assert_eq!(w.approve(t, "135791"), Err(Refusal::WrongCode));
+        assert_eq!(paired(&w.approve(t, "246810").unwrap()), Some(("b", false)));
+        // Wrong codes close the window on a browser as on a key.
+        w.press(t, true);
+        w.request(t, browser("c", "246810"));
+        for _ in 1..MAX_WRONG_CODES {
+            assert_eq!(w.approve(t, "000000"), Err(Refusal::WrongCode));
+        }
+        let out = w.approve(t, "000000").unwrap();
+        assert_eq!(refused_browser(&out, "c"), Some(Refusal::TooManyWrongCodes));
+        assert!(!w.is_open());
+    }
+
+    #[test]
+    fn a_browser_and_a_native_device_in_one_window_abort_both() {
+        let t = Instant::now();
+        for browser_first in [true, false] {
+            let mut w = Window::default();
+            w.press(t, false);
+            let (first, second) = if browser_first {
+                (browser("x", "1"), dev("x", "2"))
+            } else {
+                (dev("x", "2"), browser("x", "1"))
+            };
+            assert!(w.request(t, first).is_empty());
+            // Same hash, other kind: still two different requests.
+            let out = w.request(t, second);
+            assert_eq!(refused_browser(&out, "x"), Some(Refusal::Overlap));
+            assert!(out.contains(&Action::Refuse {
+                credential: Credential::Key("x".into()),
+                why: Refusal::Overlap
+            }));
+            assert!(out.contains(&Action::Failed(Refusal::Overlap)));
+            assert!(!w.is_open());
+        }
+        // Two browser requests abort both too; the same one again does not.
+        let mut w = Window::default();
+        w.press(t, false);
+        assert!(w.request(t, browser("a", "1")).is_empty());
+        assert!(w.request(t, browser("a", "1")).is_empty());
+        let out = w.request(t, browser("b", "2"));
+        assert_eq!(refused_browser(&out, "a"), Some(Refusal::Overlap));
+        assert_eq!(refused_browser(&out, "b"), Some(Refusal::Overlap));
+    }
+
+    #[test]
+    fn a_withdrawn_browser_is_not_paired_by_a_later_press() {
+        let t = Instant::now();
+        let mut w = Window::default();
+        w.press(t, false);
+        w.request(t, browser("b", "1"));
+        // A key with the same hash does not withdraw the browser.
+        w.withdraw(&Credential::Key("b".into()));
+        assert!(w.pending().is_some());
+        w.withdraw(&Credential::Browser("b".into()));
+        assert!(w.pending().is_none());
+        assert!(paired(&w.press(t, false)).is_none());
     }
 
     #[test]
