@@ -215,6 +215,24 @@ fn remote_status(box_id: Option<&str>, host: Option<&str>) -> Result<Status, Str
         .map_err(|e| format!("the box's status is not what this command understands: {e}"))
 }
 
+fn print_news(news: &serde_json::Value) {
+    let news = news["news"].as_array().cloned().unwrap_or_default();
+    if news.is_empty() {
+        return;
+    }
+    println!();
+    println!("Paired since this device last looked:");
+    for d in news {
+        println!(
+            "  {} {} ({}, {})",
+            d["id"].as_str().unwrap_or("?"),
+            d["name"].as_str().unwrap_or("?"),
+            d["role"].as_str().unwrap_or("?"),
+            d["paired_how"].as_str().unwrap_or("?"),
+        );
+    }
+}
+
 fn print_devices(list: &serde_json::Value) {
     let you = list["you"].as_str().unwrap_or_default();
     println!(
@@ -309,7 +327,19 @@ fn run(cli: Cli) -> Result<(), String> {
             let (b, h) = (box_id.as_deref(), host.as_deref());
             match cmd.unwrap_or(DevicesCmd::List) {
                 DevicesCmd::List => {
-                    print_devices(&remote::call_at(b, h, "GET", "/api/devices", None).await?)
+                    let list = remote::call_at(b, h, "GET", "/api/devices", None).await?;
+                    print_devices(&list);
+                    // An owner is told of every pairing since it last looked.
+                    let me = list["you"].as_str().unwrap_or_default();
+                    let owner = list["devices"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|d| d["id"] == me && d["role"] == "owner");
+                    if owner {
+                        let news = remote::call_at(b, h, "POST", "/api/pairing/news", None).await?;
+                        print_news(&news);
+                    }
                 }
                 DevicesCmd::Rename { id, name } => {
                     let path = format!("/api/devices/{id}/name");

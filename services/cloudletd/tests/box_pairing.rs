@@ -162,11 +162,26 @@ fn two_boxes_pair_with_a_press_on_each_and_the_owner_comparing_their_codes() {
         "{rest:?}"
     );
 
-    // Each box lists the other as a box, paired by button and owner.
+    // Each box lists the other as a box, paired by button and owner, and
+    // tells the owner of that pairing once.
     let on_a = devices(config.path(), &a_id);
     assert!(on_a.contains(&format!("box {b_id}")), "{on_a}");
+    let told = on_a
+        .split("Paired since this device last looked:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("the owner was not told: {on_a}"));
+    assert!(
+        told.contains(&format!("box {b_id} (box, button-and-owner)")),
+        "{on_a}"
+    );
+    let again = devices(config.path(), &a_id);
+    assert!(!again.contains("Paired since"), "told twice: {again}");
     let on_b = devices(config.path(), &b_id);
     assert!(on_b.contains(&format!("box {a_id}")), "{on_b}");
+    assert!(
+        on_b.contains("Paired since this device last looked:"),
+        "{on_b}"
+    );
     // And each lets the other in with its identity key, both ways.
     assert_eq!(as_box(&b, &a, &a_id, "/api/devices"), 200);
     assert_eq!(as_box(&a, &b, &b_id, "/api/devices"), 200);

@@ -260,6 +260,18 @@ impl Devices {
         }
     }
 
+    /// `POST /api/pairing/news`: the devices paired since this owner was
+    /// last told (then it counts as told of them).
+    async fn news(&self, req: hyper::Request<RoutedBody>) -> hyper::Response<Body> {
+        let Some(me) = who(&req).filter(|i| i.is_owner()).cloned() else {
+            return owners_only();
+        };
+        match self.blocking(move |r| r.take_news(&me.device)).await {
+            Ok(news) => json(StatusCode::OK, &serde_json::json!({ "news": news })),
+            Err(e) => registry_error(e),
+        }
+    }
+
     async fn revoke(&self, req: hyper::Request<RoutedBody>, p: Params) -> hyper::Response<Body> {
         let Some(me) = who(&req).cloned() else {
             return owners_only();
@@ -327,7 +339,7 @@ pub fn routes(auth: Arc<dyn Authenticator>, devices: Option<Devices>) -> Router 
         .route(Method::GET, "/", |_, _| status_page())
         .route(Method::GET, "/api/status", |_, _| status_json());
     let Some(d) = devices else { return r };
-    let (list, revoke, rename) = (d.clone(), d.clone(), d.clone());
+    let (list, revoke, rename, news) = (d.clone(), d.clone(), d.clone(), d.clone());
     let r = match d.pairing.clone() {
         Some(p) => {
             let (ask, state, approve) = (p.clone(), p.clone(), p.clone());
@@ -402,6 +414,10 @@ pub fn routes(auth: Arc<dyn Authenticator>, devices: Option<Devices>) -> Router 
     r.route(Method::GET, "/api/devices", move |req, _| {
         let d = list.clone();
         async move { d.list(req).await }
+    })
+    .route(Method::POST, "/api/pairing/news", move |req, _| {
+        let d = news.clone();
+        async move { d.news(req).await }
     })
     .route(Method::DELETE, "/api/devices/{id}", move |req, p| {
         let d = revoke.clone();

@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// "key:HEX" or "token:HEX" -> device id.
 const CREDENTIALS: TableDefinition<&str, &str> = TableDefinition::new("credentials");
+/// Counters: "serial", the number of the latest pairing.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Longest device name kept.
 pub const MAX_NAME: usize = 64;
@@ -87,6 +89,14 @@ pub struct Device {
     pub key: Option<String>,
     /// Whether a token credential exists (the token itself is not kept).
     pub has_token: bool,
+    /// The number of this pairing: 1 for the box's first, counting up
+    /// (0 for devices paired before pairings were numbered).
+    #[serde(default)]
+    pub serial: u64,
+    /// For an owner, the latest pairing it has been told of
+    /// ([`Registry::take_news`]).
+    #[serde(default)]
+    pub told_up_to: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +179,7 @@ impl Registry {
         let tx = r.db.begin_write().map_err(db)?;
         tx.open_table(DEVICES).map_err(db)?;
         tx.open_table(CREDENTIALS).map_err(db)?;
+        tx.open_table(META).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(r)
     }
@@ -225,7 +236,7 @@ impl Registry {
         } else {
             None
         };
-        let device = Device {
+        let mut device = Device {
             id: id.clone(),
             name: new.name.trim().to_owned(),
             role: new.role,
@@ -234,14 +245,22 @@ impl Registry {
             last_seen: None,
             key: new.key.clone(),
             has_token: token.is_some(),
+            serial: 0,
+            told_up_to: 0,
         };
         let tx = self.db.begin_write().map_err(db)?;
         {
             let mut devices = tx.open_table(DEVICES).map_err(db)?;
             let mut creds = tx.open_table(CREDENTIALS).map_err(db)?;
+            let mut meta = tx.open_table(META).map_err(db)?;
             if devices.len().map_err(db)? >= MAX_DEVICES as u64 {
                 return Err(RegistryError::Full);
             }
+            let last = meta.get("serial").map_err(db)?.map_or(0, |v| v.value());
+            device.serial = last.saturating_add(1);
+            // A new owner is told of pairings after its own, not before.
+            device.told_up_to = device.serial;
+            meta.insert("serial", device.serial).map_err(db)?;
             if let Some(k) = &new.key {
                 if let Some(other) = creds.get(credential_key("key", k).as_str()).map_err(db)? {
                     return Err(RegistryError::KeyTaken(other.value().to_owned()));
@@ -307,6 +326,41 @@ impl Registry {
         Ok(device)
     }
 
+    /// The devices paired since owner `id` was last told, other than
+    /// itself, oldest first; from now on it counts as told of them. Owners
+    /// are told of every new pairing this way (`cloudlet devices` shows
+    /// them), besides the log.
+    pub fn take_news(&self, id: &str) -> Result<Vec<Device>, RegistryError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let news = {
+            let mut devices = tx.open_table(DEVICES).map_err(db)?;
+            let mut me: Device = match devices.get(id).map_err(db)? {
+                Some(v) => serde_json::from_slice(v.value())?,
+                None => return Err(RegistryError::NoSuchDevice(id.to_owned())),
+            };
+            let mut news = Vec::new();
+            let mut latest = me.told_up_to;
+            for row in devices.iter().map_err(db)? {
+                let (_, v) = row.map_err(db)?;
+                let d: Device = serde_json::from_slice(v.value())?;
+                latest = latest.max(d.serial);
+                if d.serial > me.told_up_to && d.id != me.id {
+                    news.push(d);
+                }
+            }
+            news.sort_by_key(|d| d.serial);
+            if latest != me.told_up_to {
+                me.told_up_to = latest;
+                devices
+                    .insert(id, serde_json::to_vec(&me)?.as_slice())
+                    .map_err(db)?;
+            }
+            news
+        };
+        tx.commit().map_err(db)?;
+        Ok(news)
+    }
+
     pub fn rename(&self, id: &str, name: &str) -> Result<Device, RegistryError> {
         check_name(name)?;
         self.update(id, |d| d.name = name.trim().to_owned())
@@ -362,6 +416,35 @@ mod tests {
             key: None,
             token: true,
         }
+    }
+
+    #[test]
+    fn each_owner_is_told_once_of_every_pairing_after_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        let (first, _) = r.add(device("laptop", Role::Owner)).unwrap();
+        assert!(r.take_news(&first.id).unwrap().is_empty());
+        let (phone, _) = r.add(device("phone", Role::Device)).unwrap();
+        let (second, _) = r.add(device("desktop", Role::Owner)).unwrap();
+        let (tv, _) = r.add(device("tv", Role::Device)).unwrap();
+        let names = |v: Vec<Device>| v.into_iter().map(|d| d.name).collect::<Vec<_>>();
+        // The first owner: everything after it, oldest first, once.
+        assert_eq!(
+            names(r.take_news(&first.id).unwrap()),
+            ["phone", "desktop", "tv"]
+        );
+        assert!(r.take_news(&first.id).unwrap().is_empty());
+        // The second owner: only what came after it.
+        assert_eq!(names(r.take_news(&second.id).unwrap()), ["tv"]);
+        // A revoked device was still told of; survives a reopen.
+        r.remove(&phone.id).unwrap();
+        drop(r);
+        let r = Registry::open(d.path()).unwrap();
+        let (_, _) = r.add(device("watch", Role::Device)).unwrap();
+        assert_eq!(names(r.take_news(&first.id).unwrap()), ["watch"]);
+        assert_eq!(names(r.take_news(&second.id).unwrap()), ["watch"]);
+        assert!(tv.serial > second.serial);
+        assert!(r.take_news("nobody").is_err());
     }
 
     #[test]
