@@ -1,6 +1,7 @@
 //! The storage service as clients see it: the real `cloudletd storage`
 //! process on loopback, driven over HTTP by our own small client, by the
-//! litmus WebDAV suite and by rclone, and killed with SIGKILL mid-upload.
+//! litmus WebDAV suite and by rclone (over plain HTTP and over the TLS the
+//! box serves), and killed with SIGKILL mid-upload.
 
 mod common;
 
@@ -24,7 +25,16 @@ struct Server {
 impl Server {
     /// Starts the service on a free port with its state under `data`.
     fn start(data: &Path) -> Server {
-        let s = common::spawn("storage", data, &[], None);
+        Server::start_with(data, false)
+    }
+
+    /// Over TLS with a certificate from the box's identity, as on the box.
+    fn start_tls(data: &Path) -> Server {
+        Server::start_with(data, true)
+    }
+
+    fn start_with(data: &Path, tls: bool) -> Server {
+        let s = common::spawn_with("storage", data, &[], None, tls);
         Server {
             child: s.child,
             addr: s.addr,
@@ -371,10 +381,21 @@ fn summary_ok(out: &str, group: &str) -> bool {
 fn litmus_passes_basic_copymove_props_and_locks() {
     let d = tempfile::tempdir().unwrap();
     let s = Server::start(d.path());
+    litmus_passes(&format!("http://{}/files/", s.addr), &s.token);
+}
+
+#[test]
+fn litmus_passes_over_tls_with_the_box_certificate() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start_tls(d.path());
+    litmus_passes(&format!("https://{}/files/", s.addr), &s.token);
+}
+
+fn litmus_passes(url: &str, token: &str) {
     let work = tempfile::tempdir().unwrap();
     let out = Command::new(tool("litmus"))
-        .arg(format!("http://{}/files/", s.addr))
-        .args(["litmus", &s.token])
+        .arg(url)
+        .args(["litmus", token])
         .env("TESTS", "basic copymove props locks http")
         .current_dir(work.path())
         .output()
@@ -418,20 +439,56 @@ fn make_tree(root: &Path) -> Vec<PathBuf> {
 fn rclone_copies_a_tree_up_and_back_intact() {
     let d = tempfile::tempdir().unwrap();
     let s = Server::start(d.path());
+    let (work, names) = rclone_round_trip(&format!("http://{}/files/", s.addr), &s.token, &[]);
+    // The two identical photos are stored once.
+    let up = work.path().join("up");
+    let space = s.get("/api/space", &[]).text();
+    let total: u64 = names
+        .iter()
+        .filter(|n| !n.ends_with("same-as-beach.jpg"))
+        .map(|n| std::fs::metadata(up.join(n)).unwrap().len())
+        .sum();
+    assert!(
+        space.contains(&format!("\"used_bytes\":{total}")),
+        "{space} vs {total}"
+    );
+}
+
+#[test]
+fn rclone_copies_a_tree_over_tls_trusting_only_the_box_identity() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start_tls(d.path());
+    // The box's identity certificate as the only CA rclone trusts: Go's
+    // verifier checks the chain, the names and the key usages for real.
+    let der = std::fs::read(d.path().join("sharing/identity.crt")).unwrap();
+    let ca = d.path().join("box-ca.pem");
+    std::fs::write(&ca, cloudlet_runtime::tls::pem("CERTIFICATE", &der)).unwrap();
+    rclone_round_trip(
+        &format!("https://{}/files/", s.addr),
+        &s.token,
+        &["--ca-cert", ca.to_str().unwrap()],
+    );
+}
+
+/// Copies a tree up to `url` and back with rclone (and `flags`), and checks
+/// every byte came back. Returns the work directory (the tree in `up`) and
+/// the files' names.
+fn rclone_round_trip(url: &str, token: &str, flags: &[&str]) -> (tempfile::TempDir, Vec<PathBuf>) {
     let work = tempfile::tempdir().unwrap();
     let (up, down) = (work.path().join("up"), work.path().join("down"));
     let names = make_tree(&up);
     let obscured = Command::new(tool("rclone"))
-        .args(["obscure", &s.token])
+        .args(["obscure", token])
         .output()
         .unwrap();
     let pass = String::from_utf8_lossy(&obscured.stdout).trim().to_owned();
     let rclone = |args: &[&str]| {
         let out = Command::new(tool("rclone"))
             .args(args)
+            .args(flags)
             .env("RCLONE_CONFIG", work.path().join("rclone.conf"))
             .env("RCLONE_CONFIG_BOX_TYPE", "webdav")
-            .env("RCLONE_CONFIG_BOX_URL", format!("http://{}/files/", s.addr))
+            .env("RCLONE_CONFIG_BOX_URL", url)
             .env("RCLONE_CONFIG_BOX_VENDOR", "other")
             .env("RCLONE_CONFIG_BOX_USER", "rclone")
             .env("RCLONE_CONFIG_BOX_PASS", &pass)
@@ -473,17 +530,7 @@ fn rclone_copies_a_tree_up_and_back_intact() {
         listing.contains("music/Song with spaces & ünïcödé.flac"),
         "{listing}"
     );
-    // The two identical photos are stored once.
-    let space = s.get("/api/space", &[]).text();
-    let total: u64 = names
-        .iter()
-        .filter(|n| !n.ends_with("same-as-beach.jpg"))
-        .map(|n| std::fs::metadata(up.join(n)).unwrap().len())
-        .sum();
-    assert!(
-        space.contains(&format!("\"used_bytes\":{total}")),
-        "{space} vs {total}"
-    );
+    (work, names)
 }
 
 /// An upload in flight when the service is killed: acknowledged files must
