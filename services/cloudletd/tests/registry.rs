@@ -163,17 +163,29 @@ fn the_last_owner_cannot_be_revoked_and_errors_are_clear() {
 fn one_user_holding_many_bus_connections_is_capped_and_its_places_come_back() {
     let d = tempfile::tempdir().unwrap();
     let r = common::registry(d.path());
-    // Sixteen connections that never finish the D-Bus handshake: this
-    // user's every place (the service itself holds none of them).
-    let held: Vec<_> = (0..16)
-        .map(|_| std::os::unix::net::UnixStream::connect(&r.socket).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Sixteen connections that finished the D-Bus handshake and stay open:
+    // this user's every place (the service itself holds none of them).
+    let held: Vec<zbus::Connection> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..16 {
+            v.push(
+                cloudlet_runtime::registry::connect(&r.socket)
+                    .await
+                    .unwrap(),
+            );
+        }
+        v
+    });
     // The seventeenth is refused: the owner command cannot get through.
     let refused = r.owner(&["devices"]);
     assert!(refused.is_err(), "{refused:?}");
-    // Closed (or timed out, after 5 s), they give their places back.
+    // Closed, they give their places back.
     drop(held);
+    drop(rt);
     let start = Instant::now();
     loop {
         match r.owner(&["devices"]) {
@@ -187,4 +199,85 @@ fn one_user_holding_many_bus_connections_is_capped_and_its_places_come_back() {
             Err(e) => panic!("the bus never took a connection again: {e}"),
         }
     }
+}
+
+/// Sends a request's head (and `body`) on a fresh connection to `addr`.
+fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(body).unwrap();
+    c
+}
+
+#[test]
+fn a_device_revoked_mid_request_loses_its_running_upload_and_download() {
+    use std::io::Read;
+    let d = tempfile::tempdir().unwrap();
+    let storage = start("storage", d.path());
+    let registry = storage.registry.clone();
+    let (id, token) = add_device(&registry, "phone");
+    const BIG: usize = 64 << 20;
+    let owner = format!("Bearer {}", registry.token);
+    let put = request(
+        storage.addr,
+        "PUT",
+        "/files/big.bin",
+        &[("Authorization", owner.as_str())],
+        Body::Bytes(&vec![7u8; BIG]),
+    )
+    .unwrap();
+    assert_eq!(put.status / 100, 2, "{}", put.text());
+
+    // A download the device reads slowly, and an upload it has not finished.
+    let mut down = raw(
+        storage.addr,
+        &format!(
+            "GET /files/big.bin HTTP/1.1\r\nHost: box\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ),
+        b"",
+    );
+    let mut first = vec![0u8; 1 << 20];
+    down.read_exact(&mut first).unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{:?}", &first[..40]);
+    let mut up = raw(
+        storage.addr,
+        &format!(
+            "PUT /files/half.bin HTTP/1.1\r\nHost: box\r\nAuthorization: Bearer {token}\r\nContent-Length: {BIG}\r\n\r\n"
+        ),
+        &vec![1u8; 1 << 20],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    registry.owner(&["revoke", &id]).unwrap();
+    // The upload is answered 401 at once, not left to finish.
+    let mut answer = String::new();
+    let _ = up.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    // The download ends early: the connection is cut, not the whole file sent.
+    let mut rest = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match down.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest += n,
+        }
+    }
+    assert!(
+        first.len() + rest < BIG,
+        "the revoked device got the whole file ({} bytes)",
+        first.len() + rest
+    );
+    // Nothing of the cut upload is kept; the owner still gets the file.
+    let half = request(
+        storage.addr,
+        "GET",
+        "/files/half.bin",
+        &[("Authorization", owner.as_str())],
+        Body::None,
+    )
+    .unwrap();
+    assert_eq!(half.status, 404);
+    assert_eq!(status(storage.addr, "/api/space", &registry.token), 200);
 }

@@ -202,6 +202,14 @@ pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<Identity, AuthErro
 pub trait Authenticator: Send + Sync + 'static {
     /// Who is asking, or why they may not.
     fn check(&self, presented: Presented) -> CheckFuture<'_>;
+
+    /// The ids of devices whose registry entry changed (revoked, renamed),
+    /// as they change, if this authenticator hears of it: the router then
+    /// asks again for each request of such a device still running, and
+    /// cuts it when the device is gone.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

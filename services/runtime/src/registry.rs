@@ -105,6 +105,8 @@ impl Inner {
 /// The registry's answer, cached, as an [`Authenticator`].
 pub struct RegistryAuth {
     inner: Arc<Mutex<Inner>>,
+    /// Each `Changed(device)`, after the cache is dropped for it.
+    changed: tokio::sync::broadcast::Sender<String>,
     /// Ends the background task when the service drops this.
     _watch: tokio_util::sync::DropGuard,
 }
@@ -115,9 +117,11 @@ impl RegistryAuth {
     pub fn start(socket: PathBuf) -> RegistryAuth {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(watch(socket, inner.clone(), stop.clone()));
+        let (changed, _) = tokio::sync::broadcast::channel(64);
+        tokio::spawn(watch(socket, inner.clone(), changed.clone(), stop.clone()));
         RegistryAuth {
             inner,
+            changed,
             _watch: stop.drop_guard(),
         }
     }
@@ -176,6 +180,7 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 async fn watch(
     socket: PathBuf,
     inner: Arc<Mutex<Inner>>,
+    changed: tokio::sync::broadcast::Sender<String>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut wait = Duration::from_millis(50);
@@ -224,6 +229,9 @@ async fn watch(
                 let device: String = m.body().deserialize().unwrap_or_default();
                 tracing::info!(device, "registry changed: credentials are checked again");
                 lock(&inner).forget();
+                // Requests of that device still running are checked again
+                // (nobody listening is fine).
+                let _ = changed.send(device);
             }
         }
         tracing::warn!("registry connection lost: every request waits for it");
@@ -234,6 +242,10 @@ async fn watch(
 }
 
 impl Authenticator for RegistryAuth {
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.changed.subscribe())
+    }
+
     fn check(&self, p: Presented) -> CheckFuture<'_> {
         Box::pin(async move {
             // A proved key wins over a token: it cannot be replayed.

@@ -252,16 +252,22 @@ impl Router {
         let chosen = found.iter().find(|(r, _)| same(r));
         let public = chosen.is_some_and(|(r, _)| r.public);
         let mut req = req;
+        let mut watch = None;
         if !public {
             let presented = Presented::from_request(&req);
             let checked = if presented.cross_site {
                 Err(AuthError::CrossSite)
             } else {
-                self.auth.check(presented).await
+                self.auth.check(presented.clone()).await
             };
             match checked {
                 // Handlers that act on who asks (an owner's requests) read it here.
                 Ok(who) => {
+                    if let Some(rx) = self.auth.changes() {
+                        let auth = self.auth.clone();
+                        let device = who.device.clone();
+                        watch = Some(Box::pin(revoked(auth, presented, device, rx)) as Revoked);
+                    }
                     req.extensions_mut().insert(who);
                 }
                 Err(e) => return boxed(unauthorized(&e)),
@@ -307,7 +313,89 @@ impl Router {
                     .boxed_unsync()
             }
         });
-        (route.handler)(req, params.clone()).await
+        let answer = (route.handler)(req, params.clone());
+        let Some(mut watch) = watch else {
+            return answer.await;
+        };
+        // A device revoked while its request runs loses it: before the
+        // answer, a 401; while the answer's body streams, the connection.
+        let answer = tokio::select! {
+            a = answer => a,
+            () = &mut watch => return boxed(unauthorized(&AuthError::Invalid)),
+        };
+        answer.map(|inner| {
+            Cut {
+                inner,
+                watch: Some(watch),
+            }
+            .boxed_unsync()
+        })
+    }
+}
+
+/// Resolves once the device behind `presented` is let in no more.
+type Revoked = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Waits for a change to `device`'s registry entry, asks again, and
+/// resolves when the answer is no. Never resolves otherwise (a rename, or a
+/// registry that cannot say right now, leaves the request alone).
+async fn revoked(
+    auth: Arc<dyn Authenticator>,
+    presented: Presented,
+    device: String,
+    mut changes: tokio::sync::broadcast::Receiver<String>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match changes.recv().await {
+            Ok(d) if d != device => continue,
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return std::future::pending().await,
+        }
+        match auth.check(presented.clone()).await {
+            Err(AuthError::Invalid | AuthError::Missing) => return,
+            Ok(who) if who.device != device => return,
+            _ => {}
+        }
+    }
+}
+
+/// An answer's body that ends in an error (hyper then drops the
+/// connection) once its device is revoked.
+struct Cut {
+    inner: AnyBody,
+    /// `None` once it resolved.
+    watch: Option<Revoked>,
+}
+
+impl hyper::body::Body for Cut {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        if let Some(w) = this.watch.as_mut() {
+            if w.as_mut().poll(cx).is_ready() {
+                this.watch = None;
+                tracing::warn!("a revoked device's answer was cut off");
+                return std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the device was revoked",
+                ))));
+            }
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
