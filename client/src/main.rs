@@ -361,9 +361,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     let s = remote::call_at(b, h, "GET", "/api/pairing", None).await?;
                     match s["pending"].as_object() {
                         Some(p) => println!(
-                            "{} ({}) waits to pair: read the code on that device, then `cloudlet pairing approve CODE`{}",
+                            "{} ({}, from {}) waits to pair: read the code on that device, then `cloudlet pairing approve CODE`{}",
                             p["name"].as_str().unwrap_or("?"),
                             p["kind"].as_str().unwrap_or("?"),
+                            p["from"].as_str().unwrap_or("an unknown address"),
                             if p["pressed"].as_bool() == Some(true) {
                                 "; the button was pressed"
                             } else {

@@ -225,3 +225,116 @@ fn a_box_refuses_to_join_a_box_other_than_the_one_the_owner_pinned() {
         "B added a box"
     );
 }
+
+/// A call to box `on` as the owner device of `config`.
+async fn owner_call(
+    config: &Path,
+    on: &Sharing,
+    on_id: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let key = std::fs::read(config.join("device.key")).unwrap();
+    let cert = CertificateDer::from(std::fs::read(config.join("device.crt")).unwrap());
+    let root = CertificateDer::from(on.identity());
+    let tls = dial::client_config(cert, key, Check::Pinned(root)).unwrap();
+    let mut c = Conn::connect(
+        &on.addr.to_string(),
+        tls,
+        cloudlet_runtime::tls::box_dns_name(on_id),
+    )
+    .await
+    .unwrap();
+    c.call(method, path, body).await.unwrap()
+}
+
+/// `POST /api/pairing/join` on `on` as the owner device of `config`.
+async fn join(
+    config: &Path,
+    on: &Sharing,
+    on_id: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    owner_call(config, on, on_id, "POST", "/api/pairing/join", Some(body)).await
+}
+
+#[test]
+fn a_join_tells_only_that_no_box_answered_and_runs_one_at_a_time() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = tempfile::tempdir().unwrap();
+    let a = Sharing::start(da.path(), "127.0.0.1:0", &[]);
+    let b = Sharing::start(db.path(), "127.0.0.1:0", &[]);
+    pair_owner(config.path(), &a);
+    let b_id = pair_owner(config.path(), &b);
+    let a_key = cloudlet_runtime::tls::key_hash(
+        &cloudlet_runtime::tls::spki_of(&CertificateDer::from(a.identity())).unwrap(),
+    );
+    b.press();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Nothing listens there, or something that is not a Cloudlet: the
+    // owner is told no box answered, not what the port said.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let talker = plain.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in plain.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut &s, b"SSH-2.0-OpenSSH_9.2\r\n");
+        }
+    });
+    for to in ["127.0.0.1:1".to_owned(), talker.to_string()] {
+        let (status, answer) = rt.block_on(join(
+            config.path(),
+            &b,
+            &b_id,
+            serde_json::json!({"address": to, "key": a_key}),
+        ));
+        assert_eq!(status, 502, "{answer}");
+        assert_eq!(
+            answer["reason"],
+            format!("no Cloudlet answered at {to}"),
+            "{answer}"
+        );
+    }
+    // Two joins at once: one goes, the other is told the box is busy.
+    let ask = || {
+        join(
+            config.path(),
+            &b,
+            &b_id,
+            serde_json::json!({"address": a.addr.to_string(), "key": a_key}),
+        )
+    };
+    let (first, second) = rt.block_on(async { tokio::join!(ask(), ask()) });
+    let mut statuses = [first.0, second.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [202, 409], "{first:?} {second:?}");
+    // A's window is closed: A refuses, and B says so.
+    let mut state = serde_json::Value::Null;
+    for _ in 0..100 {
+        state = rt
+            .block_on(owner_call(
+                config.path(),
+                &b,
+                &b_id,
+                "GET",
+                "/api/pairing/join",
+                None,
+            ))
+            .1;
+        if state["state"] != "waiting" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(state["state"], "refused", "{state}");
+    assert!(
+        state["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("window is closed"),
+        "{state}"
+    );
+}

@@ -332,6 +332,7 @@ fn a_browser_pairs_only_in_the_window_with_a_second_press_and_later_an_owner_app
     let seen = body(&owner_call("GET", "/api/pairing", None));
     assert_eq!(seen["pending"]["name"], "tablet", "{seen}");
     assert_eq!(seen["pending"]["kind"], "browser");
+    assert_eq!(seen["pending"]["from"], "127.0.0.1");
     assert_eq!(seen["pending"]["pressed"], true);
     // The owner is not shown the code: it must read the browser's.
     assert!(seen["pending"].get("code").is_none(), "{seen}");

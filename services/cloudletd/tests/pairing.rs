@@ -192,6 +192,8 @@ fn pairing_needs_a_press_in_the_window_then_a_second_press_and_later_an_owner() 
     sharing.wait_asks(5);
     let (_, seen) = laptop.call(sharing.addr, "GET", "/api/pairing", None);
     assert_eq!(seen["pending"]["name"], "phone");
+    // The owner sees where it asks from (a device spoiling pairings can be found).
+    assert_eq!(seen["pending"]["from"], "127.0.0.1");
     // The owner is not shown the box's code: it must read the device's.
     assert!(seen["pending"].get("code").is_none(), "{seen}");
     sharing.press();

@@ -273,6 +273,11 @@ struct TlsPeer {
     binding: Option<tls::SessionBinding>,
 }
 
+/// Where a request came from (the TCP peer), in its extensions: for logs
+/// that must say who did something (who asked to pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
 /// One accepted connection, served by its own task.
 struct Conn<H> {
     handler: Arc<H>,
@@ -302,6 +307,7 @@ impl<H> Conn<H> {
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let h = handler.clone();
             let mut req = req.map(|b| IdleTimeout::new(b, body_idle_timeout));
+            req.extensions_mut().insert(PeerAddr(peer));
             if let Some(t) = &tls {
                 if let Some(k) = &t.key {
                     req.extensions_mut().insert(auth::PeerKey(k.clone()));

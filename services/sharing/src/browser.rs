@@ -326,6 +326,10 @@ impl Pairing {
         if !same_site(req.method(), req.headers()) {
             return not_from_the_box();
         }
+        let from = req
+            .extensions()
+            .get::<cloudlet_runtime::PeerAddr>()
+            .map(|a| a.0.ip());
         let name = body_json(req)
             .await
             .and_then(|v| v["name"].as_str().map(|n| n.trim().to_owned()))
@@ -361,7 +365,7 @@ impl Pairing {
                 },
             );
         }
-        tracing::info!(name = %name, via = "browser", "a device asks to pair");
+        tracing::info!(name = %name, via = "browser", from = %from.map_or_else(String::new, |a| a.to_string()), "a device asks to pair");
         let code = code_of(&secret);
         let actions = lock(&self.window).request(
             Instant::now(),
@@ -372,6 +376,7 @@ impl Pairing {
                 code: code.clone(),
                 pressed: false,
                 approved: false,
+                from,
             },
         );
         self.carry_out(actions).await;

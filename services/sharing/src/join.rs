@@ -161,64 +161,35 @@ impl Join {
                 "this box's pairing window is closed: press its button once, then try again",
             );
         }
-        if matches!(&*lock(&self.latest), Some(o) if o.state == JoinState::Waiting) {
-            return refuse(
-                StatusCode::CONFLICT,
-                "busy",
-                "this box is already asking another box to pair",
-            );
-        }
-        let (verifier, seen) = FirstContact::new();
-        let config = match dial::client_config(
-            CertificateDer::from(self.identity.cert_der.clone()),
-            self.identity.key_der(),
-            Check::FirstContact(verifier),
-        ) {
-            Ok(c) => c,
-            Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e),
-        };
-        // The name only has to be valid for the handshake: the verifier
-        // checks the chain against the box ID it shows.
-        let connected = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Conn::connect(&address, config, "cloudlet".into()),
-        )
-        .await;
-        let mut conn = match connected {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return refuse(StatusCode::BAD_GATEWAY, "unreachable", &e),
-            Err(_) => {
+        {
+            // Checked and taken in one step: two joins at once would each
+            // ask the other box, and replace each other there.
+            let mut latest = lock(&self.latest);
+            if matches!(&*latest, Some(o) if o.state == JoinState::Waiting) {
                 return refuse(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "unreachable",
-                    &format!("{address} did not answer in time"),
-                )
+                    StatusCode::CONFLICT,
+                    "busy",
+                    "this box is already asking another box to pair",
+                );
+            }
+            *latest = Some(Outgoing {
+                address: address.clone(),
+                box_id: String::new(),
+                code: String::new(),
+                state: JoinState::Waiting,
+            });
+        }
+        let (mut conn, box_id) = match self.reach(&address, &key).await {
+            Ok(c) => c,
+            Err((status, error, reason)) => {
+                if let Some(o) = lock(&self.latest).as_mut() {
+                    o.state = JoinState::Refused {
+                        reason: reason.clone(),
+                    };
+                }
+                return refuse(status, error, &reason);
             }
         };
-        let Some((box_id, cert)) = seen.get() else {
-            return refuse(
-                StatusCode::BAD_GATEWAY,
-                "unreachable",
-                "the other box showed no identity",
-            );
-        };
-        let shown =
-            cloudlet_runtime::tls::spki_of(&cert).map(|s| cloudlet_runtime::tls::key_hash(&s));
-        if shown.as_deref() != Some(key.as_str()) {
-            tracing::warn!(address = %address, shown = %box_id, "join: the box at that address is not the one pinned");
-            return refuse(
-                StatusCode::CONFLICT,
-                "wrong_box",
-                &format!("the box at {address} ({box_id}) is not the one you pinned: not pairing"),
-            );
-        }
-        if conn.code.is_empty() {
-            return refuse(
-                StatusCode::BAD_GATEWAY,
-                "unreachable",
-                "the other box did not speak TLS 1.3",
-            );
-        }
         let outgoing = Outgoing {
             address: address.clone(),
             box_id: box_id.clone(),
@@ -270,6 +241,68 @@ impl Join {
             }
         });
         json(StatusCode::ACCEPTED, &outgoing)
+    }
+
+    /// Connects to the box at `address` with this box's identity and checks
+    /// that it shows the identity `key`: the connection and its box ID, or
+    /// what to answer. What went wrong on the way is logged, not told: the
+    /// owner learns that no Cloudlet answered, not what did (this is not a
+    /// port scanner).
+    async fn reach(
+        &self,
+        address: &str,
+        key: &str,
+    ) -> Result<(Conn, String), (StatusCode, &'static str, String)> {
+        let unreachable = || {
+            (
+                StatusCode::BAD_GATEWAY,
+                "unreachable",
+                format!("no Cloudlet answered at {address}"),
+            )
+        };
+        let (verifier, seen) = FirstContact::new();
+        let config = dial::client_config(
+            CertificateDer::from(self.identity.cert_der.clone()),
+            self.identity.key_der(),
+            Check::FirstContact(verifier),
+        )
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
+        // The name only has to be valid for the handshake: the verifier
+        // checks the chain against the box ID it shows.
+        let connected = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Conn::connect(address, config, "cloudlet".into()),
+        )
+        .await;
+        let conn = match connected {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(address = %address, error = %e, "join: cannot reach the other box");
+                return Err(unreachable());
+            }
+            Err(_) => {
+                tracing::warn!(address = %address, "join: the other box did not answer in time");
+                return Err(unreachable());
+            }
+        };
+        let Some((box_id, cert)) = seen.get() else {
+            return Err(unreachable());
+        };
+        let shown =
+            cloudlet_runtime::tls::spki_of(&cert).map(|s| cloudlet_runtime::tls::key_hash(&s));
+        if shown.as_deref() != Some(key) {
+            tracing::warn!(address = %address, shown = %box_id, "join: the box at that address is not the one pinned");
+            return Err((
+                StatusCode::CONFLICT,
+                "wrong_box",
+                format!("the box at {address} ({box_id}) is not the one you pinned: not pairing"),
+            ));
+        }
+        if conn.code.is_empty() {
+            tracing::warn!(address = %address, "join: the other box did not speak TLS 1.3");
+            return Err(unreachable());
+        }
+        Ok((conn, box_id))
     }
 
     /// The other box paired this one: it becomes a box here too, and this

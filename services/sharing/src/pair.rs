@@ -71,6 +71,7 @@ fn refusal_status(r: &Refusal) -> StatusCode {
         Refusal::Overlap => StatusCode::CONFLICT,
         Refusal::TimedOut => StatusCode::REQUEST_TIMEOUT,
         Refusal::NothingPending => StatusCode::NOT_FOUND,
+        Refusal::Replaced => StatusCode::CONFLICT,
         Refusal::WrongCode => StatusCode::UNPROCESSABLE_ENTITY,
         Refusal::Closed | Refusal::TooManyWrongCodes => StatusCode::FORBIDDEN,
         Refusal::Registry(_) => StatusCode::CONFLICT,
@@ -85,6 +86,7 @@ fn refusal_name(r: &Refusal) -> &'static str {
         Refusal::WrongCode => "wrong_code",
         Refusal::TooManyWrongCodes => "too_many_wrong_codes",
         Refusal::NothingPending => "nothing_pending",
+        Refusal::Replaced => "replaced",
         Refusal::Registry(_) => "not_paired",
     }
 }
@@ -296,6 +298,10 @@ impl Pairing {
     ) -> hyper::Response<Body> {
         use http_body_util::BodyExt;
         let key = req.extensions().get::<PeerKey>().map(|k| k.0.clone());
+        let from = req
+            .extensions()
+            .get::<cloudlet_runtime::PeerAddr>()
+            .map(|a| a.0.ip());
         let binding = req.extensions().get::<SessionBinding>().copied();
         let (Some(key), Some(binding)) = (key, binding) else {
             return json(
@@ -343,7 +349,7 @@ impl Pairing {
             serial,
             done: false,
         };
-        tracing::info!(name = %name, "a device asks to pair");
+        tracing::info!(name = %name, from = %from.map_or_else(String::new, |a| a.to_string()), "a device asks to pair");
         let actions = lock(&self.window).request(
             Instant::now(),
             Pending {
@@ -353,6 +359,7 @@ impl Pairing {
                 code,
                 pressed: false,
                 approved: false,
+                from,
             },
         );
         self.carry_out(actions).await;
@@ -361,7 +368,10 @@ impl Pairing {
         match outcome {
             Ok(Ok(Ok(paired))) => json(StatusCode::OK, &paired.answer),
             Ok(Ok(Err(why))) => refused(&why),
-            _ => refused(&Refusal::TimedOut),
+            // The answer channel was dropped: a newer request from the
+            // same key took this one's place.
+            Ok(Err(_)) => refused(&Refusal::Replaced),
+            Err(_) => refused(&Refusal::TimedOut),
         }
     }
 
@@ -382,6 +392,7 @@ impl Pairing {
                 // Not the code: the owner is to read it off the new device
                 // and type it, or the check against a relay means nothing.
                 "pressed": p.pressed,
+                "from": p.from.map(|a| a.to_string()),
             })
         });
         json(

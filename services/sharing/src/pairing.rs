@@ -77,6 +77,9 @@ pub struct Pending {
     pub pressed: bool,
     /// An owner typed the matching code.
     pub approved: bool,
+    /// The address it asked from, for the log and the owners (so that a
+    /// device that keeps spoiling pairings can be found).
+    pub from: Option<std::net::IpAddr>,
 }
 
 /// Why a request or an approval did not succeed.
@@ -94,6 +97,8 @@ pub enum Refusal {
     TooManyWrongCodes,
     #[error("no device is waiting to pair")]
     NothingPending,
+    #[error("a newer request from the same device took this one's place")]
+    Replaced,
     #[error("the box could not pair this device: {0}")]
     Registry(String),
 }
@@ -308,6 +313,7 @@ mod tests {
             code: code.into(),
             pressed: false,
             approved: false,
+            from: None,
         }
     }
 
