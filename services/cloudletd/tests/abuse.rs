@@ -280,3 +280,55 @@ fn clients_that_stop_reading_lose_their_places() {
     wait_until("a place for the stuck host", || health() == Some(200));
     drop(stuck);
 }
+
+#[test]
+fn silent_and_half_finished_tls_handshakes_are_closed_after_the_header_timeout() {
+    let d = tempfile::tempdir().unwrap();
+    let s = common::spawn_with(
+        "storage",
+        d.path(),
+        &[("CLOUDLET_HEADER_TIMEOUT_MS", "500")],
+        None,
+        true,
+    );
+    // Silent ones, and ones that stop inside their ClientHello (a TLS
+    // record header promising 512 bytes, then 3 of them).
+    let mut held: Vec<TcpStream> = (0..40).map(|_| flooder(s.addr)).collect();
+    for c in held.iter_mut().skip(20) {
+        c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01])
+            .unwrap();
+    }
+    let start = Instant::now();
+    for c in &mut held {
+        wait_closed(c);
+    }
+    assert!(start.elapsed() < GUARD);
+    // The host's places are free again: a real TLS client is served.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["device".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let root = std::fs::read(d.path().join("sharing/identity.crt")).unwrap();
+    let config = cloudlet_runtime::dial::client_config(
+        cert.der().clone(),
+        key.serialize_der(),
+        cloudlet_runtime::dial::Check::Pinned(root.into()),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        let mut c =
+            cloudlet_runtime::dial::Conn::connect(&s.addr.to_string(), config, "localhost".into())
+                .await
+                .unwrap();
+        c.call("GET", "/health", None).await.unwrap().0
+    });
+    assert_eq!(status, 200);
+    let mut child = s.child;
+    let _ = child.kill();
+    let _ = child.wait();
+}

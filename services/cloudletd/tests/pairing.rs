@@ -5,6 +5,7 @@
 //! and wrong codes close the window. (`cloudletd sharing press` stands in
 //! for the button on a host; the QEMU tests press the real one.)
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -416,4 +417,46 @@ fn a_replayed_or_tampered_handshake_pairs_nothing() {
     // Neither reached pairing: the box saw only the first, honest request.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(sharing.asks(), 1);
+}
+
+#[test]
+fn a_device_that_hangs_up_while_it_waits_is_withdrawn_and_the_next_one_pairs() {
+    let d = tempfile::tempdir().unwrap();
+    let sharing = Sharing::start(d.path(), "127.0.0.1:0", &[]);
+    let box_identity = CertificateDer::from(sharing.identity());
+    sharing.press();
+    // It asks, then goes away before any press (closes the connection).
+    let leaver = Device::new(&box_identity, true);
+    let (_, mut s) = leaver.connect(sharing.addr);
+    let body = json!({"name": "leaver"}).to_string();
+    write!(
+        s,
+        "POST /pair HTTP/1.1\r\nHost: box\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s.flush().unwrap();
+    sharing.wait_asks(1);
+    s.conn.send_close_notify();
+    let _ = s.conn.complete_io(&mut s.sock);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    // Another device in the same window is not an overlap with it: the
+    // second press pairs this one, as the box's owner.
+    let phone = Device::new(&box_identity, true);
+    let (_, waiting) = phone.ask(sharing.addr, "phone");
+    sharing.wait_asks(2);
+    sharing.press();
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["role"], "owner", "{body}");
+    assert!(
+        !sharing
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("leaver") && l.contains("was paired")),
+        "the device that left was paired"
+    );
 }

@@ -281,3 +281,82 @@ fn a_device_revoked_mid_request_loses_its_running_upload_and_download() {
     assert_eq!(half.status, 404);
     assert_eq!(status(storage.addr, "/api/space", &registry.token), 200);
 }
+
+#[test]
+fn sigkill_of_the_registry_mid_write_loses_no_acknowledged_device() {
+    use std::process::{Command, Stdio};
+    let d = tempfile::tempdir().unwrap();
+    let socket = d.path().join("registry.sock");
+    let start = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+            .args(["sharing", "--listen", "127.0.0.1:0", "--plain"])
+            .env("CLOUDLET_DATA", d.path())
+            .env("CLOUDLET_REGISTRY_SOCKET", &socket)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        common::follow(&mut c);
+        c
+    };
+    let owner = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+            .arg("sharing")
+            .args(args)
+            .env("CLOUDLET_REGISTRY_SOCKET", &socket)
+            .output()
+            .unwrap()
+    };
+    let mut acknowledged: Vec<String> = Vec::new();
+    for round in 0..20u64 {
+        let mut sharing = start();
+        // Devices added as fast as the owner command goes, from a thread,
+        // while this one kills the service at a different moment each round.
+        let adder = {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for n in 0..50 {
+                    let out = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+                        .args(["sharing", "add-device", &format!("r{round}-d{n}")])
+                        .env("CLOUDLET_REGISTRY_SOCKET", &socket)
+                        .output()
+                        .unwrap();
+                    if !out.status.success() {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    if let Some(id) = text.lines().find_map(|l| l.strip_prefix("device ")) {
+                        ids.push(id.trim().to_owned());
+                    }
+                }
+                ids
+            })
+        };
+        std::thread::sleep(Duration::from_millis(40 + 37 * (round % 7)));
+        sharing.kill().unwrap();
+        sharing.wait().unwrap();
+        acknowledged.extend(adder.join().unwrap());
+        // The registry opens again and lists every device it acknowledged.
+        let mut again = start();
+        let out = owner(&["devices"]);
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list = String::from_utf8_lossy(&out.stdout).into_owned();
+        for id in &acknowledged {
+            assert!(
+                list.contains(id.as_str()),
+                "round {round}: device {id} was lost"
+            );
+        }
+        again.kill().unwrap();
+        again.wait().unwrap();
+    }
+    assert!(
+        acknowledged.len() >= 20,
+        "too few devices were added to test anything ({})",
+        acknowledged.len()
+    );
+}
