@@ -59,8 +59,10 @@ enum Cmd {
     /// the box ID, press the button again (and have an owner approve the
     /// code if the box has one).
     Pair {
-        /// The box: HOST or HOST:PORT (its web UI's port, 8080 by default).
-        host: String,
+        /// The box: HOST or HOST:PORT (its web UI's port, 8080 by default),
+        /// or its box ID (found on the LAN over mDNS); left out, the one box
+        /// that answers on the LAN.
+        target: Option<String>,
         /// What the box will call this device (default: this host's name).
         #[arg(long)]
         name: Option<String>,
@@ -314,13 +316,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             }
         }
-        Cmd::Pair { host, name, as_box } => remote(async move {
+        Cmd::Pair {
+            target,
+            name,
+            as_box,
+        } => remote(async move {
             let name = name.unwrap_or_else(|| {
                 nix::unistd::gethostname()
                     .map(|h| h.to_string_lossy().into_owned())
                     .unwrap_or_else(|_| "device".into())
             });
-            println!("{}", remote::pair(&host, &name, as_box).await?);
+            let (host, expect) = remote::pair_target(target.as_deref()).await?;
+            println!(
+                "{}",
+                remote::pair(&host, expect.as_deref(), &name, as_box).await?
+            );
             Ok(())
         })?,
         Cmd::Devices { box_id, host, cmd } => remote(async move {

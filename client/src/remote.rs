@@ -168,8 +168,72 @@ fn explain(status: u16, body: &serde_json::Value) -> String {
     }
 }
 
-/// `cloudlet pair HOST[:PORT]`: asks the box to pair this device.
-pub async fn pair(addr: &str, name: &str, as_box: bool) -> Result<String, String> {
+/// Whether `s` is written as a box ID (`xxxx-xxxx-xxxx-xxxx`, base32).
+fn is_box_id(s: &str) -> bool {
+    s.len() == 19
+        && s.split('-').count() == 4
+        && s.split('-').all(|g| {
+            g.len() == 4
+                && g.bytes()
+                    .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+        })
+}
+
+/// Where `cloudlet pair [TARGET]` goes: an address as given; a box ID, or
+/// nothing, looked up on the LAN (mDNS). Returns the address and the box ID
+/// the box there must show, when one was asked for.
+pub async fn pair_target(target: Option<&str>) -> Result<(String, Option<String>), String> {
+    match target {
+        Some(t) if is_box_id(t) => {
+            let id = t.to_owned();
+            let found = tokio::task::spawn_blocking(move || discover_one(&id, 3))
+                .await
+                .map_err(|e| e.to_string())??;
+            let addr = found.ok_or_else(|| {
+                format!("box {t} did not answer on the LAN (mDNS): give its address, `cloudlet pair HOST`")
+            })?;
+            Ok((addr, Some(t.to_owned())))
+        }
+        Some(t) => Ok((t.to_owned(), None)),
+        None => {
+            let found = tokio::task::spawn_blocking(|| discover(3))
+                .await
+                .map_err(|e| e.to_string())??;
+            match found.as_slice() {
+                [] => Err(
+                    "no box answered on the LAN (mDNS): give its address, `cloudlet pair HOST`"
+                        .into(),
+                ),
+                [one] => {
+                    let ip = one
+                        .addresses
+                        .iter()
+                        .find(|a| a.is_ipv4())
+                        .or(one.addresses.first())
+                        .ok_or_else(|| format!("box {} gave no address", one.box_id))?;
+                    let addr = std::net::SocketAddr::new(*ip, one.port).to_string();
+                    Ok((addr, Some(one.box_id.clone())))
+                }
+                many => Err(format!(
+                    "several boxes answered: say which, `cloudlet pair BOX_ID` ({})",
+                    many.iter()
+                        .map(|f| f.box_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        }
+    }
+}
+
+/// `cloudlet pair HOST[:PORT]`: asks the box to pair this device; `expect`
+/// is the box ID the box there must show, when the person named one.
+pub async fn pair(
+    addr: &str,
+    expect: Option<&str>,
+    name: &str,
+    as_box: bool,
+) -> Result<String, String> {
     let cfg = Config::open()?;
     let addr = with_port(addr);
     let (verifier, seen) = FirstContact::new();
@@ -178,6 +242,13 @@ pub async fn pair(addr: &str, name: &str, as_box: bool) -> Result<String, String
     // shows; this one only has to be a valid name for the handshake.
     let mut conn = Conn::connect(&addr, config, "cloudlet".into()).await?;
     let (box_id, identity) = seen.get().ok_or("the box showed no identity")?;
+    if let Some(want) = expect {
+        if box_id != want {
+            return Err(format!(
+                "the box at {addr} is {box_id}, not {want}: not pairing"
+            ));
+        }
+    }
     println!("Box ID:  {box_id}");
     println!("Code:    {}", conn.code);
     println!("Check the box ID, press the box's button once more to confirm, and");

@@ -132,4 +132,35 @@ fn the_box_is_announced_with_its_id_and_avahi_browse_and_cloudlet_discover_find_
             .any(|l| l.starts_with(&box_id) && l.contains(&format!(":{port}"))),
         "{text}"
     );
+
+    // `cloudlet pair` finds the box by its ID, or as the one box on the
+    // LAN, with no address given: the box answers (its window is closed).
+    let pair = |args: &[&str]| {
+        let out = Command::new(&cloudlet)
+            .arg("pair")
+            .args(args)
+            .env("CLOUDLET_MDNS_INTERFACE", "lo")
+            .env("CLOUDLET_CONFIG_DIR", config.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    for args in [vec![box_id.as_str()], vec![]] {
+        let said = pair(&args);
+        assert!(
+            said.contains(&format!("Box ID:  {box_id}")),
+            "{args:?}: {said}"
+        );
+        assert!(
+            said.contains("pairing window is closed"),
+            "{args:?}: {said}"
+        );
+    }
+    let said = pair(&["zzzz-zzzz-zzzz-zzzz"]);
+    assert!(said.contains("did not answer on the LAN"), "{said}");
 }
