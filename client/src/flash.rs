@@ -3,7 +3,10 @@
 //! first device.
 //!
 //! 1. The image is checked: an MBR with the Cloudlet disk signature whose
-//!    first partition is FAT with `boot.scr` on it.
+//!    first partition is FAT32 with `boot.scr` on it. The FAT is checked
+//!    here before [`fatfs`] reads it (fatfs trusts it: a cluster chain that
+//!    loops would hang it, a root cluster of 0 panic it), and all of it
+//!    before a byte of the target is written.
 //! 2. The target is checked: a block device that nothing has mounted and
 //!    that is large enough (and a yes from the person, unless `--yes`), or
 //!    a regular file.
@@ -21,6 +24,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use base64::Engine;
 use cloudlet_runtime::tls;
@@ -37,6 +41,12 @@ const CHUNK: usize = 4 << 20;
 /// On a block device, sync this often so the progress bar shows what the
 /// card took, not what the page cache did.
 const SYNC_EVERY: u64 = 64 << 20;
+/// The largest FAT read whole to be checked. A Cloudlet boot partition
+/// (128 MiB) has one of about 1 MiB.
+const MAX_FAT_BYTES: u64 = 64 << 20;
+/// How long [`fatfs`] may work on a checked FAT: well under a second on a
+/// sound one. A backstop, should the checks miss a way to make it loop.
+const FAT_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlashError {
@@ -150,13 +160,17 @@ pub fn boot_partition(mbr: &[u8; 512], image_len: u64) -> Result<BootPartition, 
 }
 
 /// One partition of a file or device, as a stream for [`fatfs`].
-struct Slice<'a> {
-    file: &'a File,
+struct Slice {
+    file: File,
     part: BootPartition,
     pos: u64,
 }
 
-impl Slice<'_> {
+impl Slice {
+    fn new(file: File, part: BootPartition) -> Self {
+        Slice { file, part, pos: 0 }
+    }
+
     /// How many of `want` bytes lie before the partition's end.
     fn room(&self, want: usize) -> usize {
         let left = self.part.len.saturating_sub(self.pos);
@@ -164,7 +178,7 @@ impl Slice<'_> {
     }
 }
 
-impl Read for Slice<'_> {
+impl Read for Slice {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.room(buf.len());
         let n = self
@@ -175,7 +189,7 @@ impl Read for Slice<'_> {
     }
 }
 
-impl Write for Slice<'_> {
+impl Write for Slice {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.room(buf.len());
         if n == 0 && !buf.is_empty() {
@@ -194,7 +208,7 @@ impl Write for Slice<'_> {
     }
 }
 
-impl Seek for Slice<'_> {
+impl Seek for Slice {
     fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
         let pos = match to {
             SeekFrom::Start(p) => Some(p),
@@ -214,6 +228,228 @@ impl Seek for Slice<'_> {
     }
 }
 
+/// What of a FAT32 boot sector the checks need, once it is known sound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fat32 {
+    /// Where, in the partition, the FAT that fatfs reads begins.
+    pub fat_offset: u64,
+    /// Data clusters: cluster numbers run from 2 to `clusters + 1`.
+    pub clusters: u32,
+    /// The root directory's first cluster.
+    pub root_cluster: u32,
+}
+
+/// The FAT32 layout the boot sector `bs` of a partition of `part_len`
+/// bytes describes, checked so that nothing computed from it overflows or
+/// points outside the partition (fatfs computes with it unchecked).
+pub fn fat32_layout(bs: &[u8; 512], part_len: u64) -> Result<Fat32, String> {
+    let u16_at = |i: usize| u64::from(u16::from_le_bytes([bs[i], bs[i + 1]]));
+    let u32_at = |i: usize| u64::from(u32::from_le_bytes([bs[i], bs[i + 1], bs[i + 2], bs[i + 3]]));
+    let no = |why: String| format!("partition 1 holds no FAT filesystem ({why})");
+    if bs[510..512] != [0x55, 0xAA] {
+        return Err(no("no boot sector signature".into()));
+    }
+    let bytes_per_sector = u16_at(11);
+    if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096) {
+        return Err(no(format!("{bytes_per_sector} bytes per sector")));
+    }
+    let per_cluster = u64::from(bs[13]);
+    if !per_cluster.is_power_of_two() || per_cluster > 128 {
+        return Err(no(format!("{per_cluster} sectors per cluster")));
+    }
+    let reserved = u16_at(14);
+    if reserved == 0 {
+        return Err(no("no reserved sectors".into()));
+    }
+    let fats = u64::from(bs[16]);
+    if !(1..=2).contains(&fats) {
+        return Err(no(format!("{fats} FATs")));
+    }
+    if u16_at(17) != 0 || u16_at(19) != 0 || u16_at(22) != 0 {
+        return Err(no("it is not FAT32".into()));
+    }
+    let total = u32_at(32);
+    let fat_sectors = u32_at(36);
+    let fat_bytes = fat_sectors * bytes_per_sector;
+    if fat_sectors == 0 || fat_bytes > MAX_FAT_BYTES {
+        return Err(no(format!("a FAT of {fat_bytes} bytes")));
+    }
+    if u16_at(42) != 0 {
+        return Err(no(format!("FAT32 version {:#06x}", u16_at(42))));
+    }
+    // All of these are below 2^48: no overflow.
+    if total * bytes_per_sector > part_len {
+        return Err(no(format!(
+            "a volume of {} bytes in a partition of {part_len}",
+            total * bytes_per_sector
+        )));
+    }
+    let first_data = reserved + fats * fat_sectors;
+    if total <= first_data {
+        return Err(no("no room for data after its FATs".into()));
+    }
+    let clusters = (total - first_data) / per_cluster;
+    if !(65525..=0x0FFF_FFF4).contains(&clusters) {
+        return Err(no(format!("{clusters} clusters is not FAT32")));
+    }
+    if fat_bytes / 4 < clusters + 2 {
+        return Err(no(format!(
+            "a FAT of {} entries for {clusters} clusters",
+            fat_bytes / 4
+        )));
+    }
+    // With mirroring off (bit 7), fatfs reads the FAT bits 0-3 name.
+    let flags = u16_at(40);
+    let active = if flags & 0x80 == 0 { 0 } else { flags & 0x0F };
+    if active >= fats {
+        return Err(no(format!("active FAT {active} of {fats}")));
+    }
+    let root = u32_at(44);
+    if root < 2 || root >= clusters + 2 {
+        return Err(format!(
+            "its FAT is damaged: the root directory starts at cluster {root}, outside 2..={}",
+            clusters + 1
+        ));
+    }
+    // clusters <= 0x0FFF_FFF4 and root below it: both fit.
+    Ok(Fat32 {
+        fat_offset: (reserved + active * fat_sectors) * bytes_per_sector,
+        clusters: clusters as u32,
+        root_cluster: root as u32,
+    })
+}
+
+/// What a FAT32 entry says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Free,
+    Next(u32),
+    End,
+    Bad,
+}
+
+/// Checks `fat` (the entries of `layout`, 4 bytes each): the root
+/// directory's chain ends, within the volume, and so does every chain in
+/// the FAT, without looping and without a link to a free cluster, so that
+/// whatever fatfs follows ends. Linear in the number of clusters.
+pub fn check_chains(fat: &[u8], layout: Fat32) -> Result<(), String> {
+    let damaged = |why: String| format!("its FAT is damaged: {why}");
+    let end = u64::from(layout.clusters) + 2;
+    let entry = |c: u32| -> Entry {
+        let i = c as usize * 4;
+        let raw = fat
+            .get(i..i + 4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        match raw & 0x0FFF_FFFF {
+            0 => Entry::Free,
+            0x0FFF_FFF7 => Entry::Bad,
+            0x0FFF_FFF8.. => Entry::End,
+            n => Entry::Next(n),
+        }
+    };
+    let in_range = |n: u32| (2..end).contains(&u64::from(n));
+    // The root directory first, to say so when it is the one.
+    let mut c = layout.root_cluster;
+    let mut steps = 0u64;
+    loop {
+        match entry(c) {
+            Entry::End => break,
+            Entry::Free | Entry::Bad if c == layout.root_cluster => {
+                return Err(damaged(format!(
+                    "the root directory starts at cluster {c}, which is not in use"
+                )))
+            }
+            Entry::Free | Entry::Bad => {
+                return Err(damaged(format!(
+                    "the root directory's chain reaches cluster {c}, which is free or bad"
+                )))
+            }
+            Entry::Next(n) if !in_range(n) => {
+                return Err(damaged(format!(
+                    "the root directory's chain links cluster {c} to {n}, outside the volume"
+                )))
+            }
+            Entry::Next(n) => c = n,
+        }
+        steps += 1;
+        if steps > u64::from(layout.clusters) {
+            return Err(damaged("the root directory's cluster chain loops".into()));
+        }
+    }
+    // Then every chain: 0 not seen, 1 on the path being followed, 2 ends.
+    let mut state = vec![0u8; end as usize];
+    let mut path = Vec::new();
+    for first in 2..end as u32 {
+        let mut c = first;
+        loop {
+            match state[c as usize] {
+                2 => break,
+                1 => return Err(damaged(format!("the cluster chain through {c} loops"))),
+                _ => {}
+            }
+            state[c as usize] = 1;
+            path.push(c);
+            match entry(c) {
+                Entry::Next(n) if !in_range(n) => {
+                    return Err(damaged(format!(
+                        "cluster {c} links to {n}, outside the volume"
+                    )))
+                }
+                Entry::Next(n) if entry(n) == Entry::Free => {
+                    return Err(damaged(format!("cluster {c} links to free cluster {n}")))
+                }
+                Entry::Next(n) => c = n,
+                Entry::Free | Entry::End | Entry::Bad => break,
+            }
+        }
+        for c in path.drain(..) {
+            state[c as usize] = 2;
+        }
+    }
+    Ok(())
+}
+
+/// Checks the FAT32 filesystem on partition `part` of `file` as far as
+/// fatfs needs it to be sound; the reason it is not a Cloudlet image if not.
+pub fn check_fat(file: &File, part: BootPartition) -> Result<(), String> {
+    let mut bs = [0u8; 512];
+    file.read_exact_at(&mut bs, part.offset)
+        .map_err(|e| format!("its boot partition cannot be read ({e})"))?;
+    let layout = fat32_layout(&bs, part.len)?;
+    let mut fat = vec![0u8; (u64::from(layout.clusters) + 2) as usize * 4];
+    file.read_exact_at(&mut fat, part.offset + layout.fat_offset)
+        .map_err(|e| format!("its FAT cannot be read ({e})"))?;
+    check_chains(&fat, layout)
+}
+
+/// Runs `work` (fatfs on a checked FAT) on a thread of its own and waits
+/// at most `deadline` for it: should a damaged FAT still make fatfs loop
+/// or panic, `cloudlet flash` fails with that instead of hanging (the
+/// thread is left behind; the command ends soon after).
+fn bounded<T: Send + 'static>(
+    deadline: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("fatfs".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
+    match rx.recv_timeout(deadline) {
+        Ok(t) => Ok(t),
+        Err(RecvTimeoutError::Timeout) => Err(format!(
+            "reading its FAT filesystem took over {}s; it is damaged",
+            deadline.as_secs_f32()
+        )),
+        Err(RecvTimeoutError::Disconnected) => {
+            Err("its FAT filesystem is damaged (reading it failed)".into())
+        }
+    }
+}
+
 /// Checks that `image` is a Cloudlet image; returns its size and boot partition.
 pub fn check_image(image: &Path) -> Result<(u64, BootPartition), FlashError> {
     let f = File::open(image).map_err(io("opening", image))?;
@@ -223,16 +459,16 @@ pub fn check_image(image: &Path) -> Result<(u64, BootPartition), FlashError> {
     f.read_exact_at(&mut mbr, 0)
         .map_err(|_| not("it is shorter than an MBR".into()))?;
     let part = boot_partition(&mbr, len).map_err(not)?;
-    let fs = fatfs::FileSystem::new(
-        Slice {
-            file: &f,
-            part,
-            pos: 0,
-        },
-        fatfs::FsOptions::new(),
-    )
-    .map_err(|e| not(format!("partition 1 holds no FAT filesystem ({e})")))?;
-    if fs.root_dir().open_file("boot.scr").is_err() {
+    check_fat(&f, part).map_err(not)?;
+    let has_script = bounded(FAT_DEADLINE, move || {
+        let fs = fatfs::FileSystem::new(Slice::new(f, part), fatfs::FsOptions::new())
+            .map_err(|e| format!("partition 1 holds no FAT filesystem ({e})"))?;
+        let found = fs.root_dir().open_file("boot.scr").is_ok();
+        Ok::<_, String>(found)
+    })
+    .and_then(|r| r)
+    .map_err(not)?;
+    if !has_script {
         return Err(not("its boot partition has no boot.scr".into()));
     }
     Ok((len, part))
@@ -423,31 +659,35 @@ fn write_provision(
         .write(true)
         .open(target)
         .map_err(io("opening", target))?;
-    let fs = fatfs::FileSystem::new(
-        Slice {
-            file: &f,
-            part,
-            pos: 0,
-        },
-        fatfs::FsOptions::new(),
-    )
-    .map_err(err)?;
-    {
-        let dir = fs.root_dir().create_dir(PROVISION_DIR).map_err(err)?;
-        for e in dir.iter() {
-            let name = e.map_err(err)?.file_name();
-            if name != "." && name != ".." {
-                dir.remove(&name).map_err(err)?;
+    // What was written is what was checked, unless the image changed
+    // while it was copied: checked again, as fatfs is about to use it.
+    check_fat(&f, part).map_err(|why| err(std::io::Error::other(why)))?;
+    let fs_file = f.try_clone().map_err(io("opening", target))?;
+    let files: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(n, b)| ((*n).to_owned(), b.clone()))
+        .collect();
+    bounded(FAT_DEADLINE, move || -> std::io::Result<()> {
+        let fs = fatfs::FileSystem::new(Slice::new(fs_file, part), fatfs::FsOptions::new())?;
+        {
+            let dir = fs.root_dir().create_dir(PROVISION_DIR)?;
+            for e in dir.iter() {
+                let name = e?.file_name();
+                if name != "." && name != ".." {
+                    dir.remove(&name)?;
+                }
+            }
+            for (name, bytes) in &files {
+                let mut file = dir.create_file(name)?;
+                file.truncate()?;
+                file.write_all(bytes)?;
+                file.flush()?;
             }
         }
-        for (name, bytes) in files {
-            let mut file = dir.create_file(name).map_err(err)?;
-            file.truncate().map_err(err)?;
-            file.write_all(bytes).map_err(err)?;
-            file.flush().map_err(err)?;
-        }
-    }
-    fs.unmount().map_err(err)?;
+        fs.unmount()
+    })
+    .map_err(|why| err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)))?
+    .map_err(err)?;
     f.sync_all().map_err(io("syncing", target))
 }
 
@@ -734,5 +974,121 @@ mod tests {
             })
         ));
         check_size(t, 101, 101).unwrap();
+    }
+
+    /// Damaged boot partitions of an image whose root holds `boot.scr`:
+    /// each is refused, quickly, before anything is written to a target
+    /// that is already there.
+    #[test]
+    fn a_damaged_fat_is_refused_quickly_before_anything_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = Config::at(d.path().join("config")).unwrap();
+        let good = test_image(d.path());
+        let (_, clusters) = image::fat32_layout(&good).unwrap();
+        let root = {
+            let mut bs = [0u8; 4];
+            File::open(&good)
+                .unwrap()
+                .read_exact_at(&mut bs, image::BOOT_START + image::ROOT_CLUSTER_AT)
+                .unwrap();
+            u32::from_le_bytes(bs)
+        };
+        let target = d.path().join("card.img");
+        let before = vec![9u8; 1 << 20];
+        let img = d.path().join("damaged.img");
+        let damaged = |damage: &dyn Fn(&Path), why: &str| {
+            std::fs::copy(&good, &img).unwrap();
+            damage(&img);
+            std::fs::write(&target, &before).unwrap();
+            let t = std::time::Instant::now();
+            let e = match flash(&opts(&img, &target, true), &cfg) {
+                Err(e) => e,
+                Ok(_) => panic!("{why}: flashed"),
+            };
+            assert!(t.elapsed() < Duration::from_secs(10), "{why}: slow");
+            assert!(
+                matches!(&e, FlashError::NotCloudlet(_, w) if w.contains(why)),
+                "{why}: {e}"
+            );
+            assert_eq!(std::fs::read(&target).unwrap(), before, "{why}");
+        };
+        let root_at = |c: u32| {
+            move |p: &Path| {
+                image::patch_boot_sector(p, image::ROOT_CLUSTER_AT, &c.to_le_bytes()).unwrap()
+            }
+        };
+
+        damaged(
+            &|p| image::set_fat_entry(p, root, root).unwrap(),
+            "FAT is damaged: the root directory's cluster chain loops",
+        );
+        // A longer loop, through a cluster of its own.
+        damaged(
+            &|p| {
+                image::set_fat_entry(p, root, clusters).unwrap();
+                image::set_fat_entry(p, clusters, root).unwrap();
+            },
+            "the root directory's cluster chain loops",
+        );
+        damaged(&root_at(0), "root directory starts at cluster 0, outside");
+        damaged(&root_at(1), "root directory starts at cluster 1, outside");
+        damaged(
+            &root_at(clusters + 2),
+            &format!("root directory starts at cluster {}, outside", clusters + 2),
+        );
+        damaged(&root_at(u32::MAX), "outside");
+        damaged(
+            &|p| image::set_fat_entry(p, root, clusters + 2).unwrap(),
+            &format!(
+                "links cluster {root} to {}, outside the volume",
+                clusters + 2
+            ),
+        );
+        damaged(
+            &|p| image::set_fat_entry(p, root, clusters).unwrap(),
+            "which is free or bad",
+        );
+        damaged(&root_at(clusters), "which is not in use");
+        // A loop elsewhere: fatfs could meet it when it frees a chain.
+        damaged(
+            &|p| {
+                image::set_fat_entry(p, clusters - 1, clusters).unwrap();
+                image::set_fat_entry(p, clusters, clusters - 1).unwrap();
+            },
+            "loops",
+        );
+        // The geometry itself, which fatfs computes with unchecked.
+        let patch = |at: u64, bytes: &'static [u8]| {
+            move |p: &Path| image::patch_boot_sector(p, at, bytes).unwrap()
+        };
+        damaged(&patch(11, &[0, 0]), "0 bytes per sector");
+        damaged(&patch(13, &[3]), "3 sectors per cluster");
+        damaged(&patch(14, &[0, 0]), "no reserved sectors");
+        damaged(&patch(16, &[0]), "0 FATs");
+        damaged(&patch(16, &[3]), "3 FATs");
+        damaged(&patch(36, &[0, 0, 0, 0]), "a FAT of 0 bytes");
+        damaged(&patch(36, &[0xff, 0xff, 0xff, 0xff]), "a FAT of");
+        damaged(&patch(32, &[0xff, 0xff, 0xff, 0x00]), "a volume of");
+        damaged(&patch(40, &[0x82, 0]), "active FAT 2 of 2");
+        damaged(&patch(510, &[0, 0]), "no boot sector signature");
+        assert!(cfg.boxes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn fatfs_work_that_does_not_end_fails_at_the_deadline() {
+        let t = std::time::Instant::now();
+        let e = bounded(Duration::from_millis(100), || {
+            std::thread::sleep(Duration::from_secs(30))
+        })
+        .unwrap_err();
+        assert!(e.contains("took over 0.1s; it is damaged"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        #[allow(unreachable_code)]
+        let e = bounded(Duration::from_secs(5), || -> () {
+            panic!("as fatfs might")
+        })
+        .unwrap_err();
+        assert!(e.contains("damaged"), "{e}");
+        assert_eq!(bounded(Duration::from_secs(5), || 7).unwrap(), 7);
     }
 }

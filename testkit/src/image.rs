@@ -122,3 +122,43 @@ pub fn list_boot_dir(image: &Path, dir: &str) -> std::io::Result<Option<Vec<Stri
     names.sort();
     Ok(Some(names))
 }
+
+/// Where FAT32 keeps the root directory's first cluster in a boot sector.
+pub const ROOT_CLUSTER_AT: u64 = 44;
+
+/// The FAT32 layout of the boot partition of an image
+/// [`cloudlet_image`] made: the bytes where each FAT starts, and the
+/// number of data clusters.
+pub fn fat32_layout(image: &Path) -> std::io::Result<(Vec<u64>, u32)> {
+    let f = std::fs::File::open(image)?;
+    let mut bs = [0u8; 512];
+    f.read_exact_at(&mut bs, BOOT_START)?;
+    let u16_at = |i: usize| u64::from(u16::from_le_bytes([bs[i], bs[i + 1]]));
+    let u32_at = |i: usize| u64::from(u32::from_le_bytes([bs[i], bs[i + 1], bs[i + 2], bs[i + 3]]));
+    let (sector, reserved, fats) = (u16_at(11), u16_at(14), u64::from(bs[16]));
+    let (total, fat_sectors) = (u32_at(32), u32_at(36));
+    let starts = (0..fats)
+        .map(|i| BOOT_START + (reserved + i * fat_sectors) * sector)
+        .collect();
+    let clusters = (total - reserved - fats * fat_sectors) / u64::from(bs[13]);
+    Ok((starts, clusters as u32))
+}
+
+/// Sets the entry of `cluster` to `value` in every FAT of the boot
+/// partition of an image [`cloudlet_image`] made (to damage it).
+pub fn set_fat_entry(image: &Path, cluster: u32, value: u32) -> std::io::Result<()> {
+    let (starts, _) = fat32_layout(image)?;
+    let f = std::fs::OpenOptions::new().write(true).open(image)?;
+    for start in starts {
+        f.write_all_at(&value.to_le_bytes(), start + u64::from(cluster) * 4)?;
+    }
+    f.sync_all()
+}
+
+/// Writes `bytes` at `offset` in the boot sector of the boot partition of
+/// an image [`cloudlet_image`] made (to damage it).
+pub fn patch_boot_sector(image: &Path, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(image)?;
+    f.write_all_at(bytes, BOOT_START + offset)?;
+    f.sync_all()
+}
