@@ -67,6 +67,21 @@ pub async fn pair_box(a: &str, b: &str, address: Option<&str>) -> Result<String,
         return Err(format!("box {b_id} answered the join oddly: {joined}"));
     }
     println!("Box {b_id} asked box {a_id} to pair; the code of their session is {code}.");
+    // B answers once its session with A is up and asks right after: wait
+    // until A has the request before approving it.
+    let asked_by = Instant::now()
+        .checked_add(Duration::from_secs(10))
+        .unwrap_or_else(Instant::now);
+    loop {
+        let state = call(Some(&a_id), "GET", "/api/pairing", None).await?;
+        if state["pending"]["kind"] == "box" {
+            break;
+        }
+        if Instant::now() >= asked_by {
+            return Err(format!("box {a_id} never saw box {b_id}'s request to pair"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Approve on A the code B's session shows: a relay between the boxes
     // would show A another code, and A would refuse this one.
     call(

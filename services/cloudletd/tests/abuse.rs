@@ -302,7 +302,12 @@ fn silent_and_half_finished_tls_handshakes_are_closed_after_the_header_timeout()
     for c in &mut held {
         wait_closed(c);
     }
-    assert!(start.elapsed() < GUARD);
+    // Closed by the deadline, not at once for some other reason.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < GUARD,
+        "closed after {took:?}"
+    );
     // The host's places are free again: a real TLS client is served.
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["device".into()])

@@ -307,6 +307,8 @@ fn sigkill_of_the_registry_mid_write_loses_no_acknowledged_device() {
             .unwrap()
     };
     let mut acknowledged: Vec<String> = Vec::new();
+    // Rounds where the kill cut the adding short (a write was under way).
+    let mut cut = 0;
     for round in 0..20u64 {
         let mut sharing = start();
         // Devices added as fast as the owner command goes, from a thread,
@@ -335,7 +337,11 @@ fn sigkill_of_the_registry_mid_write_loses_no_acknowledged_device() {
         std::thread::sleep(Duration::from_millis(40 + 37 * (round % 7)));
         sharing.kill().unwrap();
         sharing.wait().unwrap();
-        acknowledged.extend(adder.join().unwrap());
+        let added = adder.join().unwrap();
+        if added.len() < 50 {
+            cut += 1;
+        }
+        acknowledged.extend(added);
         // The registry opens again and lists every device it acknowledged.
         let mut again = start();
         let out = owner(&["devices"]);
@@ -355,8 +361,8 @@ fn sigkill_of_the_registry_mid_write_loses_no_acknowledged_device() {
         again.wait().unwrap();
     }
     assert!(
-        acknowledged.len() >= 20,
-        "too few devices were added to test anything ({})",
+        acknowledged.len() >= 20 && cut >= 15,
+        "too little to test anything: {} devices added, {cut} of 20 rounds cut short",
         acknowledged.len()
     );
 }

@@ -206,7 +206,8 @@ pub trait Authenticator: Send + Sync + 'static {
     /// The ids of devices whose registry entry changed (revoked, renamed),
     /// as they change, if this authenticator hears of it: the router then
     /// asks again for each request of such a device still running, and
-    /// cuts it when the device is gone.
+    /// cuts it when the device is gone. An empty id means any device may
+    /// have changed (every running request asks again).
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
     }

@@ -20,16 +20,18 @@ pub const DEFAULT_PORT: u16 = 8080;
 /// Largest answer read from a box: device lists and pairing state are small.
 const ANSWER_LIMIT: usize = 1 << 20;
 
-/// `HOST` or `HOST:PORT` (IPv6 in brackets) with the port made explicit.
+/// How long reaching a box (TCP and the TLS handshake) may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `HOST`, `HOST:PORT`, an IPv6 address bare or in brackets, with the port
+/// made explicit.
 pub fn with_port(addr: &str) -> String {
-    if addr
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !addr.ends_with(']')
-    {
-        addr.to_owned()
-    } else {
-        format!("{addr}:{DEFAULT_PORT}")
+    if let Ok(ip) = addr.parse::<std::net::Ipv6Addr>() {
+        return std::net::SocketAddr::from((ip, DEFAULT_PORT)).to_string();
+    }
+    match addr.parse::<hyper::http::uri::Authority>() {
+        Ok(a) if a.port_u16().is_some() => addr.to_owned(),
+        _ => format!("{addr}:{DEFAULT_PORT}"),
     }
 }
 
@@ -174,8 +176,18 @@ pub struct Conn {
 
 impl Conn {
     /// Connects to `addr` (`HOST:PORT`), checking the box's certificate
-    /// for `server_name` as `config` says.
+    /// for `server_name` as `config` says, within [`CONNECT_TIMEOUT`].
     pub async fn connect(
+        addr: &str,
+        config: Arc<rustls::ClientConfig>,
+        server_name: String,
+    ) -> Result<Conn, String> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Conn::open(addr, config, server_name))
+            .await
+            .map_err(|_| format!("{addr} did not answer within {CONNECT_TIMEOUT:?}"))?
+    }
+
+    async fn open(
         addr: &str,
         config: Arc<rustls::ClientConfig>,
         server_name: String,
@@ -249,5 +261,7 @@ mod tests {
         assert_eq!(with_port("10.0.0.2:9443"), "10.0.0.2:9443");
         assert_eq!(with_port("[::1]"), "[::1]:8080");
         assert_eq!(with_port("[::1]:8443"), "[::1]:8443");
+        assert_eq!(with_port("::1"), "[::1]:8080");
+        assert_eq!(with_port("fe80::1"), "[fe80::1]:8080");
     }
 }

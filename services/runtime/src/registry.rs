@@ -208,6 +208,9 @@ async fn watch(
             i.forget();
             i.conn = Some(conn.clone());
         }
+        // Changes made while there was no connection were not heard: every
+        // running request asks again ("" names no one device).
+        let _ = changed.send(String::new());
         tracing::info!(socket = %socket.display(), "registry connected");
         loop {
             let m = tokio::select! {
@@ -226,6 +229,8 @@ async fn watch(
             if m.message_type() == zbus::message::Type::Signal
                 && header.member().is_some_and(|n| n.as_str() == "Changed")
             {
+                // Unreadable, it names no device: "" makes every running
+                // request ask again.
                 let device: String = m.body().deserialize().unwrap_or_default();
                 tracing::info!(device, "registry changed: credentials are checked again");
                 lock(&inner).forget();

@@ -255,6 +255,9 @@ impl Router {
         let mut watch = None;
         if !public {
             let presented = Presented::from_request(&req);
+            // Listening before asking: a revocation that lands between the
+            // answer and the subscription is not missed.
+            let changes = self.auth.changes();
             let checked = if presented.cross_site {
                 Err(AuthError::CrossSite)
             } else {
@@ -263,7 +266,7 @@ impl Router {
             match checked {
                 // Handlers that act on who asks (an owner's requests) read it here.
                 Ok(who) => {
-                    if let Some(rx) = self.auth.changes() {
+                    if let Some(rx) = changes {
                         let auth = self.auth.clone();
                         let device = who.device.clone();
                         watch = Some(Box::pin(revoked(auth, presented, device, rx)) as Revoked);
@@ -348,7 +351,9 @@ async fn revoked(
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match changes.recv().await {
-            Ok(d) if d != device => continue,
+            // An empty id: the registry could not say which device changed
+            // (a reconnect, where changes may have been missed): ask again.
+            Ok(d) if !d.is_empty() && d != device => continue,
             Ok(_) | Err(RecvError::Lagged(_)) => {}
             Err(RecvError::Closed) => return std::future::pending().await,
         }
@@ -445,6 +450,73 @@ mod tests {
             b = b.header("content-length", body.len());
         }
         b.body(Full::new(Bytes::from_static(body))).unwrap()
+    }
+
+    /// Lets "sesame" in as device "d1" until told otherwise, and reports
+    /// changes as the registry would.
+    struct Switch {
+        allowed: std::sync::atomic::AtomicBool,
+        changes: tokio::sync::broadcast::Sender<String>,
+    }
+
+    impl Authenticator for Switch {
+        fn check(&self, p: Presented) -> crate::auth::CheckFuture<'_> {
+            let ok = self.allowed.load(std::sync::atomic::Ordering::SeqCst)
+                && p.token.as_deref() == Some("sesame");
+            Box::pin(async move {
+                if ok {
+                    Ok(crate::auth::Identity {
+                        device: "d1".into(),
+                        name: "phone".into(),
+                        role: "device".into(),
+                    })
+                } else {
+                    Err(AuthError::Invalid)
+                }
+            })
+        }
+
+        fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+            Some(self.changes.subscribe())
+        }
+    }
+
+    /// A streaming answer cut by a change naming `changed`, once the device
+    /// is let in no more; whether it was cut.
+    async fn cut_by(changed: &str, still_allowed: bool) -> bool {
+        let auth = Arc::new(Switch {
+            allowed: true.into(),
+            changes: tokio::sync::broadcast::channel(8).0,
+        });
+        let (tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
+        let body = std::sync::Mutex::new(Some(body));
+        let r = Router::new(auth.clone()).route(Method::GET, "/feed", move |_, _| {
+            let b = body.lock().unwrap().take().unwrap();
+            async move { Response::new(b.boxed_unsync()) }
+        });
+        let mut answer = r.handle(req(Method::GET, "/feed", true, b"", false)).await;
+        assert_eq!(answer.status(), StatusCode::OK);
+        auth.allowed
+            .store(still_allowed, std::sync::atomic::Ordering::SeqCst);
+        auth.changes.send(changed.to_owned()).unwrap();
+        let _keep_open = tx;
+        let frame = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            answer.body_mut().frame(),
+        )
+        .await;
+        matches!(frame, Ok(Some(Err(_))))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_running_answer_is_cut_when_its_device_is_let_in_no_more() {
+        // Its own id, or "" (a reconnect: any device may have changed).
+        assert!(cut_by("d1", false).await);
+        assert!(cut_by("", false).await);
+        // Another device's change, or a change that still lets it in (a
+        // rename): the answer goes on.
+        assert!(!cut_by("d2", false).await);
+        assert!(!cut_by("d1", true).await);
     }
 
     #[tokio::test(flavor = "current_thread")]

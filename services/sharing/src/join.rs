@@ -38,9 +38,6 @@ use crate::{bus, identity, pair};
 /// Largest `POST /api/pairing/join` body.
 pub const JOIN_BODY_LIMIT: u64 = 1024;
 
-/// How long reaching the other box may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Where a join stands.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -71,6 +68,25 @@ pub struct Join {
     notifier: Arc<bus::Notifier>,
     identity: Arc<identity::Identity>,
     pairing: Arc<pair::Pairing>,
+}
+
+/// A join marked `Waiting` before its connection is up: dropped while
+/// armed (the request went away), it marks the join refused.
+struct Reserved<'a> {
+    join: &'a Join,
+    armed: bool,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(o) = lock(&self.join.latest).as_mut() {
+                o.state = JoinState::Refused {
+                    reason: "the request that started this join went away".into(),
+                };
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -179,7 +195,15 @@ impl Join {
                 state: JoinState::Waiting,
             });
         }
-        let (mut conn, box_id) = match self.reach(&address, &key).await {
+        // Until the join is handed to its task, an owner hanging up (or a
+        // revoked owner cut off) must not leave it `Waiting` for good.
+        let mut reserved = Reserved {
+            join: self,
+            armed: true,
+        };
+        let reached = self.reach(&address, &key).await;
+        reserved.armed = false;
+        let (mut conn, box_id) = match reached {
             Ok(c) => c,
             Err((status, error, reason)) => {
                 if let Some(o) = lock(&self.latest).as_mut() {
@@ -269,19 +293,10 @@ impl Join {
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
         // The name only has to be valid for the handshake: the verifier
         // checks the chain against the box ID it shows.
-        let connected = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Conn::connect(address, config, "cloudlet".into()),
-        )
-        .await;
-        let conn = match connected {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+        let conn = match Conn::connect(address, config, "cloudlet".into()).await {
+            Ok(c) => c,
+            Err(e) => {
                 tracing::warn!(address = %address, error = %e, "join: cannot reach the other box");
-                return Err(unreachable());
-            }
-            Err(_) => {
-                tracing::warn!(address = %address, "join: the other box did not answer in time");
                 return Err(unreachable());
             }
         };
@@ -306,8 +321,20 @@ impl Join {
     }
 
     /// The other box paired this one: it becomes a box here too, and this
-    /// box's window closes (one success closes it).
+    /// box's window closes (one success closes it). If this box's window
+    /// closed meanwhile (its time ran out, or another device paired in it),
+    /// the press that consented is spent: the other box is not added, and
+    /// the owner is told so (the other box has paired this one: revoke it
+    /// there, or press both buttons again).
     async fn add(&self, name: String, key: String) -> JoinState {
+        if !self.pairing.is_open() {
+            return JoinState::Refused {
+                reason: "this box's pairing window closed before the other box confirmed: \
+                         the other box paired this one, this box did not pair it; press both \
+                         buttons and pair them again"
+                    .into(),
+            };
+        }
         let r = self.registry.clone();
         let new = NewDevice {
             name,
