@@ -9,7 +9,10 @@
 //!    before a byte of the target is written.
 //! 2. The target is checked: a block device that nothing has mounted and
 //!    that is large enough (and a yes from the person, unless `--yes`), or
-//!    a regular file.
+//!    a regular file (made if it is not there, but never under /dev: a
+//!    device path that is not there is a typo or a card not in). Unless
+//!    `--no-provision`, this PC's key and boxes.json are read, and
+//!    boxes.json saved, so that a config that cannot pin the box fails now.
 //! 3. The image is copied, with a progress bar, and synced.
 //! 4. Unless `--no-provision`: the box's identity (an ECDSA P-256 key and
 //!    its self-signed CA certificate, exactly as a box makes it on first
@@ -76,6 +79,9 @@ pub enum FlashError {
     /// a directory, a character device, a socket...
     #[error("{0} is neither a block device nor a regular file")]
     NotATarget(PathBuf),
+    /// a device path that is not there: a typo, or no card in the reader
+    #[error("no such device {0}: is the card in?")]
+    NoSuchDevice(PathBuf),
     /// the person did not say yes
     #[error("not confirmed: nothing was written to {0}")]
     NotConfirmed(PathBuf),
@@ -512,7 +518,10 @@ fn sysfs_parent(d: (u64, u64)) -> Option<(u64, u64)> {
 fn check_target(target: &Path, image: &Path, need: u64) -> Result<Option<u64>, FlashError> {
     let meta = match std::fs::metadata(target) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            check_new_file(target)?;
+            return Ok(None);
+        }
         Err(e) => return Err(io("reading", target)(e)),
     };
     let im = std::fs::metadata(image).map_err(io("reading", image))?;
@@ -545,6 +554,25 @@ fn check_target(target: &Path, image: &Path, need: u64) -> Result<Option<u64>, F
         .map_err(io("reading the size of", target))?;
     check_size(target, have, need)?;
     Ok(Some(have))
+}
+
+/// A target that is not there is made, as an image file, except under
+/// /dev: there it is a mistyped device or a card not in the reader, and
+/// the image would fill /dev's tmpfs (RAM) instead.
+pub fn check_new_file(target: &Path) -> Result<(), FlashError> {
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // The directory it would be made in, symlinks and `..` resolved (a
+    // relative name typed in /dev, /tmp/x/../../dev/sdc).
+    let dir = std::fs::canonicalize(parent)
+        .or_else(|_| std::path::absolute(parent))
+        .unwrap_or_else(|_| parent.to_owned());
+    if dir.starts_with("/dev") || target.starts_with("/dev") {
+        return Err(FlashError::NoSuchDevice(target.to_owned()));
+    }
+    Ok(())
 }
 
 /// A device of `have` bytes holds an image of `need` bytes.
@@ -739,14 +767,18 @@ pub fn flash(opts: &Options, cfg: &Config) -> Result<Flashed, FlashError> {
         }
     }
     // Made before a byte is written: a PC without a usable config directory
-    // fails here, not after the card was erased.
+    // (no key, a boxes.json it cannot read, or cannot write) fails here, not
+    // after the card was erased and holds a box nobody pinned.
     let owner = if opts.provision {
-        Some(cfg.device().map_err(FlashError::Config)?.0)
+        let owner = cfg.device().map_err(FlashError::Config)?.0;
+        let boxes = cfg.boxes().map_err(FlashError::Config)?;
+        cfg.save_boxes(&boxes).map_err(FlashError::Config)?;
+        Some((owner, boxes))
     } else {
         None
     };
     copy(&opts.image, &opts.target, len, block_size.is_some())?;
-    let Some(owner) = owner else {
+    let Some((owner, boxes_before)) = owner else {
         return Ok(Flashed {
             bytes: len,
             box_id: None,
@@ -758,7 +790,9 @@ pub fn flash(opts: &Options, cfg: &Config) -> Result<Flashed, FlashError> {
         part,
         &provision_files(&identity, owner.as_ref(), &opts.name),
     )?;
-    let mut boxes = cfg.boxes().map_err(FlashError::Config)?;
+    // Read again: another `cloudlet` may have changed it while the card
+    // was written (and if it broke it meanwhile, what was read stands).
+    let mut boxes = cfg.boxes().unwrap_or(boxes_before);
     boxes.insert(
         identity.box_id.clone(),
         PinnedBox {
@@ -960,6 +994,66 @@ mod tests {
         assert_eq!(mounts_of(info, (8, 0), parent), ["/home"]);
         assert_eq!(mounts_of(info, (179, 0), parent), ["/media/my card"]);
         assert!(mounts_of(info, (8, 32), parent).is_empty());
+    }
+
+    #[test]
+    fn a_config_that_cannot_pin_the_box_is_refused_before_the_card_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let img = test_image(d.path());
+        let target = d.path().join("card.img");
+        let cfg = Config::at(d.path().join("config")).unwrap();
+        let boxes = cfg.dir().join("boxes.json");
+        // Unreadable.
+        std::fs::write(&boxes, "{ not json").unwrap();
+        let e = flash(&opts(&img, &target, true), &cfg).unwrap_err();
+        assert!(
+            matches!(&e, FlashError::Config(w) if w.contains("boxes.json")),
+            "{e}"
+        );
+        assert!(!target.exists(), "nothing was written");
+        // Readable, but it cannot be saved (its temporary name is taken by
+        // a directory: root writes anywhere, so no chmod would do).
+        std::fs::remove_file(&boxes).unwrap();
+        std::fs::create_dir(cfg.dir().join("boxes.tmp")).unwrap();
+        let e = flash(&opts(&img, &target, true), &cfg).unwrap_err();
+        assert!(matches!(&e, FlashError::Config(_)), "{e}");
+        assert!(!target.exists(), "nothing was written");
+        // Mended, the same flash pins the box.
+        std::fs::remove_dir(cfg.dir().join("boxes.tmp")).unwrap();
+        let done = flash(&opts(&img, &target, true), &cfg).unwrap();
+        assert!(cfg.boxes().unwrap().contains_key(&done.box_id.unwrap()));
+    }
+
+    #[test]
+    fn a_device_path_that_is_not_there_is_not_made_but_a_file_elsewhere_is() {
+        for t in [
+            "/dev/sdc",
+            "/dev/disk/by-id/usb-card",
+            "/dev/../dev/mmcblk0",
+        ] {
+            let e = check_new_file(Path::new(t)).unwrap_err();
+            assert!(matches!(&e, FlashError::NoSuchDevice(_)), "{t}: {e}");
+            assert_eq!(
+                e.to_string(),
+                format!("no such device {t}: is the card in?")
+            );
+        }
+        let d = tempfile::tempdir().unwrap();
+        check_new_file(&d.path().join("card.img")).unwrap();
+        check_new_file(&d.path().join("dev/sdc")).unwrap();
+        check_new_file(Path::new("card.img")).unwrap();
+        // Through a symlink to /dev, or named from inside it.
+        std::os::unix::fs::symlink("/dev", d.path().join("devices")).unwrap();
+        assert!(matches!(
+            check_new_file(&d.path().join("devices/sdc")),
+            Err(FlashError::NoSuchDevice(_))
+        ));
+        // And flash says so before anything else.
+        let img = test_image(d.path());
+        let cfg = Config::at(d.path().join("config")).unwrap();
+        let e = flash(&opts(&img, &d.path().join("devices/sdc"), true), &cfg).unwrap_err();
+        assert!(matches!(&e, FlashError::NoSuchDevice(_)), "{e}");
+        assert!(cfg.boxes().unwrap().is_empty());
     }
 
     #[test]

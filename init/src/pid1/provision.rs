@@ -40,7 +40,8 @@ pub const FAT_DIR: &str = "cloudlet-provision";
 const DEST: &str = "sharing/provision";
 /// The user the sharing service runs as (image/overlay/etc/passwd).
 const SERVICE_USER: &str = "sharing";
-/// The files that are moved; anything else in the directory is deleted.
+/// The files that are moved, when they are regular files; anything else in
+/// the directory (a directory above all: FAT has no symlinks) is deleted.
 const FILES: [&str; 4] = ["identity.key", "identity.crt", "owner.crt", "owner.name"];
 /// `cloudlet flash` writes a few hundred bytes each; larger is not its.
 const MAX_FILE: u64 = 64 << 10;
@@ -340,12 +341,19 @@ pub fn move_files(
     let mut moved = 0usize;
     for name in FILES {
         let from = src.join(name);
-        let len = match std::fs::metadata(&from) {
-            Ok(m) => m.len(),
+        let meta = match std::fs::symlink_metadata(&from) {
+            Ok(m) => m,
             // Deleted by a boot that stopped half-way: copied already.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io("reading", &from)(e)),
         };
+        let len = meta.len();
+        if !meta.file_type().is_file() {
+            // Not what `cloudlet flash` writes, and reading it would fail
+            // at every boot, leaving the rest (the box's key) on the card.
+            tracing::warn!(file = %from.display(), "not a regular file: deleted, not copied");
+            continue;
+        }
         if len > MAX_FILE {
             tracing::warn!(file = %from.display(), bytes = len, "not what `cloudlet flash` writes: deleted, not copied");
             continue;
@@ -358,11 +366,20 @@ pub fn move_files(
     sync_fd(&dir, dest)?;
     sync_fd(&parent_fd, parent)?;
     // Only now, with every copy durable, does the boot partition lose them.
+    // Everything goes, directories too: one left behind would keep `src`,
+    // and with it the next boot copying the files again.
     let entries = std::fs::read_dir(src).map_err(io("reading", src))?;
     for e in entries {
-        let path = e.map_err(io("reading", src))?.path();
+        let e = e.map_err(io("reading", src))?;
+        let path = e.path();
+        let dir = e.file_type().map_err(io("reading", &path))?.is_dir();
         at("delete", &path)?;
-        std::fs::remove_file(&path).map_err(io("deleting", &path))?;
+        if dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .map_err(io("deleting", &path))?;
     }
     at("delete the directory", src)?;
     std::fs::remove_dir(src).map_err(io("deleting", src))?;
@@ -439,6 +456,31 @@ mod tests {
         // Nothing left to do at the next boot, and nothing changes.
         assert_eq!(move_files(&src, &dest, None, |_| Ok(())).unwrap(), None);
         assert_moved(boot.path(), data.path());
+    }
+
+    #[test]
+    fn directories_in_the_fat_directory_are_deleted_and_not_copied() {
+        let boot = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let src = flashed(boot.path());
+        std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+        std::fs::write(src.join("sub/deeper/file"), "x").unwrap();
+        let dest = data.path().join(DEST);
+        assert_eq!(move_files(&src, &dest, None, |_| Ok(())).unwrap(), Some(4));
+        assert_moved(boot.path(), data.path());
+
+        // One of the four names as a directory: the others are copied, and
+        // everything leaves the boot partition.
+        let boot = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let src = flashed(boot.path());
+        std::fs::remove_file(src.join("owner.crt")).unwrap();
+        std::fs::create_dir_all(src.join("owner.crt/inside")).unwrap();
+        let dest = data.path().join(DEST);
+        assert_eq!(move_files(&src, &dest, None, |_| Ok(())).unwrap(), Some(3));
+        assert!(!src.exists(), "gone from the boot partition");
+        assert!(!dest.join("owner.crt").exists());
+        assert!(dest.join("identity.key").is_file());
     }
 
     #[test]

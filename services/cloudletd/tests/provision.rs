@@ -62,14 +62,21 @@ fn box_id_of(cert_der: &[u8]) -> String {
     tls::box_id(&tls::spki_of(&cert_der.to_vec().into()).unwrap())
 }
 
-/// The registry's devices, as `cloudletd sharing devices` prints them (JSON).
-fn devices(data: &Path) -> Vec<serde_json::Value> {
+/// `cloudletd sharing ARGS` on the box whose data is `data`; its output.
+fn sharing(data: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
-        .args(["sharing", "devices"])
+        .arg("sharing")
+        .args(args)
         .env("CLOUDLET_REGISTRY_SOCKET", data.join("registry.sock"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    out
+}
+
+/// The registry's devices, as `cloudletd sharing devices` prints them (JSON).
+fn devices(data: &Path) -> Vec<serde_json::Value> {
+    let out = sharing(data, &["devices"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v.as_array().cloned().unwrap_or_default()
 }
@@ -184,6 +191,69 @@ fn a_flashed_card_boots_as_the_box_flash_pinned_with_the_pc_as_owner_and_no_butt
     let s = Sharing::start(&data, "127.0.0.1:0", &[("CLOUDLET_MDNS", "off")]);
     assert_eq!(box_id_of(&s.identity()), flashed_id);
     assert_eq!(devices(&data).len(), 1);
+
+    // Another owner revokes the PC; then the same files come again, as
+    // when init could not delete them from the card: the PC stays revoked.
+    let pc = all[0]["id"].as_str().unwrap().to_owned();
+    sharing(&data, &["add-device", "desktop", "owner"]);
+    sharing(&data, &["revoke", &pc]);
+    drop(s);
+    first_boot(&card, &data);
+    let s = Sharing::start(&data, "127.0.0.1:0", &[("CLOUDLET_MDNS", "off")]);
+    assert_eq!(box_id_of(&s.identity()), flashed_id);
+    let all = devices(&data);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["name"], "desktop");
+    assert!(
+        !data.join("sharing/provision").exists(),
+        "the files copied again are discarded"
+    );
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("imported already"), "{log}");
+    let out = cloudlet(
+        &config,
+        &[
+            "devices",
+            "--box",
+            &flashed_id,
+            "--host",
+            &s.addr.to_string(),
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "the revoked PC is refused: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn provisioned_files_that_cannot_be_read_are_discarded_and_the_service_starts() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let dir = data.join("sharing/provision");
+    std::fs::create_dir_all(&dir).unwrap();
+    let id = tls::IdentityKeys::generate().unwrap();
+    let owner = tls::IdentityKeys::generate().unwrap();
+    // A directory where the key should be: reading it fails at every start.
+    std::fs::create_dir(dir.join("identity.key")).unwrap();
+    std::fs::write(
+        dir.join("identity.crt"),
+        tls::pem("CERTIFICATE", &id.cert_der),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("owner.crt"),
+        tls::pem("CERTIFICATE", &owner.cert_der),
+    )
+    .unwrap();
+
+    let s = Sharing::start(&data, "127.0.0.1:0", &[("CLOUDLET_MDNS", "off")]);
+    assert_ne!(box_id_of(&s.identity()), id.box_id);
+    assert!(devices(&data).is_empty(), "no owner was imported");
+    assert!(!dir.exists(), "the files are discarded");
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("trying again would not help"), "{log}");
 }
 
 #[test]

@@ -18,6 +18,18 @@
 //! that does not name the key, a box that has an identity already, an
 //! owner without the identity it came with) is logged and discarded whole:
 //! nothing of it is imported.
+//!
+//! An import happens once in a box's life: the registry records that it
+//! was done ([`Registry::provisioned`], in the transaction that adds the
+//! owner), and every later provision directory is refused. Init copies the
+//! files again at each boot for as long as it fails to delete them from
+//! the FAT partition; without the record, the next start would pair again
+//! an owner revoked meanwhile.
+//!
+//! Files that cannot be read for good (permissions, a directory where a
+//! file should be) are discarded like refused ones, and the service
+//! starts: stopping it would stop it at every start, and with it every
+//! credential of the box ([`ProvisionError::is_transient`]).
 
 use std::path::{Path, PathBuf};
 
@@ -58,6 +70,11 @@ pub enum ProvisionError {
     /// the box made or imported another identity before
     #[error("this box already has the identity {have}; the provisioned identity {offered} is discarded with its owner")]
     IdentityExists { have: String, offered: String },
+    /// provisioning was imported once already; files found later (copied
+    /// again from a card init could not clean) would pair again an owner
+    /// revoked since
+    #[error("flash-time provisioning was imported already; these files are discarded (refused)")]
+    AlreadyImported,
 }
 
 impl ProvisionError {
@@ -68,6 +85,51 @@ impl ProvisionError {
             self,
             ProvisionError::Io { .. } | ProvisionError::Registry(_)
         )
+    }
+
+    /// Whether the next start may do better, so that this one should stop
+    /// rather than discard the files.
+    ///
+    /// Only errors that say nothing about the files and that go away by
+    /// themselves (or with the box) count: a full /data (ENOSPC, EDQUOT),
+    /// a failing read or write of the card (EIO), or a lack of memory,
+    /// descriptors or time. Discarding then would lose the owner for good
+    /// (the PC pinned this identity: only a reflash mends it), while the
+    /// start would fail anyway, or soon, at writing an identity or the
+    /// registry. The registry failing is such an error too. Everything
+    /// else, above all errors about the files themselves (EACCES on files
+    /// root left when init could not name the service user, EISDIR,
+    /// invalid data), would come back at every start: the service would
+    /// never start, and the box would refuse every credential. Those are
+    /// discarded; an error not known here is taken as lasting, since
+    /// losing the provisioning is mended by the button, and a service
+    /// that never starts is not.
+    pub fn is_transient(&self) -> bool {
+        use nix::libc;
+        match self {
+            ProvisionError::Registry(_) => true,
+            ProvisionError::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::OutOfMemory
+                ) || matches!(
+                    source.raw_os_error(),
+                    Some(
+                        libc::ENOSPC
+                            | libc::EDQUOT
+                            | libc::EIO
+                            | libc::EBUSY
+                            | libc::EMFILE
+                            | libc::ENFILE
+                            | libc::ENOMEM
+                    )
+                )
+            }
+            _ => false,
+        }
     }
 }
 
@@ -109,6 +171,9 @@ pub fn import(state_dir: &Path, registry: &Registry) -> Result<Option<Imported>,
     let dir = state_dir.join(DIR);
     if !dir.is_dir() {
         return Ok(None);
+    }
+    if registry.provisioned()? {
+        return Err(ProvisionError::AlreadyImported);
     }
     let key = read(&dir, "identity.key")?;
     let crt = read(&dir, "identity.crt")?;
@@ -169,9 +234,15 @@ pub fn import(state_dir: &Path, registry: &Registry) -> Result<Option<Imported>,
         Err(e) => return Err(io(&key_path)(e)),
     }
 
+    // The owner and the record that the import is over, in one
+    // transaction: an import that stopped before is finished, one that
+    // got here is not done again.
     let owner = match owner_hash {
         Some(hash) => Some(add_owner(registry, hash, owner_name.as_deref())?),
-        None => None,
+        None => {
+            registry.mark_provisioned()?;
+            None
+        }
     };
     remove(&dir, state_dir)?;
     Ok(Some(Imported {
@@ -180,20 +251,23 @@ pub fn import(state_dir: &Path, registry: &Registry) -> Result<Option<Imported>,
     }))
 }
 
-/// Pairs the flashing PC's key as an owner, unless it is paired already.
+/// Pairs the flashing PC's key as an owner, unless it is paired already,
+/// and records that provisioning was imported.
 fn add_owner(
     registry: &Registry,
     hash: String,
     name: Option<&str>,
 ) -> Result<(String, bool), ProvisionError> {
     if let Some(d) = registry.lookup("key", &hash)? {
+        // Paired by a start of a version that kept no record.
+        registry.mark_provisioned()?;
         return Ok((d.id, false));
     }
     let name = name
         .map(str::trim)
         .filter(|n| registry::check_name(n).is_ok())
         .unwrap_or("owner");
-    let (d, _) = registry.add(NewDevice {
+    let (d, _) = registry.add_provisioned_owner(NewDevice {
         name: name.to_owned(),
         role: Role::Owner,
         how: PairedHow::Flash,
@@ -213,19 +287,27 @@ fn remove(dir: &Path, state_dir: &Path) -> Result<(), ProvisionError> {
 }
 
 /// The start's hook: imports, logs what happened, and discards refused
-/// files. An error returned (a file or the registry failing) stops the
-/// start, so that the service does not make an identity of its own over a
-/// provisioned one it could not read; init starts it again.
+/// files and files that cannot be read for good. An error returned (a
+/// transient one, [`ProvisionError::is_transient`]) stops the start, so
+/// that the service does not make an identity of its own over a
+/// provisioned one it could not read this time; init starts it again.
 pub fn at_start(state_dir: &Path, registry: &Registry) -> std::io::Result<()> {
-    match import(state_dir, registry) {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_refusal() => {
-            tracing::error!(error = %e, "flash-time provisioning refused; nothing of it is imported");
-            let dir = state_dir.join(DIR);
-            remove(&dir, state_dir).map_err(std::io::Error::other)
-        }
-        Err(e) => Err(std::io::Error::other(e)),
+    let e = match import(state_dir, registry) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.is_transient() => return Err(std::io::Error::other(e)),
+        Err(e) => e,
+    };
+    if e.is_refusal() {
+        tracing::error!(error = %e, "flash-time provisioning refused; nothing more of it is imported");
+    } else {
+        tracing::error!(error = %e, "flash-time provisioning cannot be imported, and trying again would not help: discarded");
     }
+    let dir = state_dir.join(DIR);
+    if let Err(e) = remove(&dir, state_dir) {
+        // Started all the same: it is refused again at every start.
+        tracing::error!(error = %e, "cannot discard the flash-time provisioning; it is ignored");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -253,19 +335,22 @@ mod tests {
     }
 
     #[test]
-    fn an_import_cut_short_finishes_on_the_next_start_without_a_second_owner() {
+    fn an_import_cut_short_before_the_owner_finishes_on_the_next_start() {
         let d = tempfile::tempdir().unwrap();
         let r = Registry::open(d.path()).unwrap();
         let id = tls::IdentityKeys::generate().unwrap();
         let owner = tls::IdentityKeys::generate().unwrap();
         provision(d.path(), &id, Some(&owner.cert_der));
-        // As if a start had written the identity and the owner, then died
-        // before removing the directory.
-        import(d.path(), &r).unwrap();
-        provision(d.path(), &id, Some(&owner.cert_der));
-        let again = import(d.path(), &r).unwrap().unwrap();
-        assert_eq!(again.box_id, id.box_id);
-        assert!(!again.owner.unwrap().1, "the owner is not added twice");
+        // As if a start had written the identity, then died before the
+        // owner was added.
+        cloudlet_runtime::write_private(&d.path().join("identity.crt"), &id.cert_der).unwrap();
+        cloudlet_runtime::write_private(&d.path().join("identity.key"), &id.key.serialize_der())
+            .unwrap();
+        assert!(!r.provisioned().unwrap());
+        let done = import(d.path(), &r).unwrap().unwrap();
+        assert_eq!(done.box_id, id.box_id);
+        assert!(done.owner.unwrap().1, "the owner is added now");
+        assert!(r.provisioned().unwrap(), "and the import recorded");
         let all = r.list().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].name, "laptop");
@@ -278,6 +363,136 @@ mod tests {
                 .box_id,
             id.box_id
         );
+    }
+
+    #[test]
+    fn an_owner_paired_by_a_start_that_kept_no_record_is_not_added_twice() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        let id = tls::IdentityKeys::generate().unwrap();
+        let owner = tls::IdentityKeys::generate().unwrap();
+        provision(d.path(), &id, Some(&owner.cert_der));
+        // An earlier version paired the owner and died before removing
+        // the directory, with no record of the import.
+        r.add(NewDevice {
+            name: "laptop".into(),
+            role: Role::Owner,
+            how: PairedHow::Flash,
+            key: Some(owner.key_hash.clone()),
+            token: false,
+        })
+        .unwrap();
+        let again = import(d.path(), &r).unwrap().unwrap();
+        assert!(!again.owner.unwrap().1, "the owner is not added twice");
+        assert_eq!(r.list().unwrap().len(), 1);
+        assert!(r.provisioned().unwrap());
+        assert!(!d.path().join(DIR).exists());
+    }
+
+    #[test]
+    fn provisioning_copied_again_after_an_import_does_not_bring_a_revoked_owner_back() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        let id = tls::IdentityKeys::generate().unwrap();
+        let owner = tls::IdentityKeys::generate().unwrap();
+        provision(d.path(), &id, Some(&owner.cert_der));
+        at_start(d.path(), &r).unwrap();
+        let (flashed, _) = r
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.id, d.key))
+            .next()
+            .unwrap();
+        // Another owner revokes the flashing PC.
+        let (other, _) = r
+            .add(NewDevice {
+                name: "desktop".into(),
+                role: Role::Owner,
+                how: PairedHow::Local,
+                key: None,
+                token: true,
+            })
+            .unwrap();
+        r.remove(&flashed).unwrap();
+        // Init could not delete the files from the FAT partition, and
+        // copies the very same ones again at the next boot.
+        provision(d.path(), &id, Some(&owner.cert_der));
+        assert!(matches!(
+            import(d.path(), &r),
+            Err(ProvisionError::AlreadyImported)
+        ));
+        at_start(d.path(), &r).unwrap();
+        assert!(!d.path().join(DIR).exists(), "discarded");
+        let all = r.list().unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all[0].id, other.id);
+        assert!(r.lookup("key", &owner.key_hash).unwrap().is_none());
+        // An identity alone is refused just the same, on a reopened registry.
+        drop(r);
+        let r = Registry::open(d.path()).unwrap();
+        provision(d.path(), &id, None);
+        at_start(d.path(), &r).unwrap();
+        assert!(!d.path().join(DIR).exists());
+        assert_eq!(r.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn files_that_cannot_be_read_for_good_are_discarded_and_the_service_starts() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        let id = tls::IdentityKeys::generate().unwrap();
+        let owner = tls::IdentityKeys::generate().unwrap();
+        provision(d.path(), &id, Some(&owner.cert_der));
+        // A directory where a file should be (read: EISDIR).
+        let key = d.path().join(DIR).join("identity.key");
+        std::fs::remove_file(&key).unwrap();
+        std::fs::create_dir(&key).unwrap();
+        let e = import(d.path(), &r).unwrap_err();
+        assert!(matches!(e, ProvisionError::Io { .. }), "{e}");
+        assert!(!e.is_transient(), "{e}");
+        at_start(d.path(), &r).unwrap();
+        assert!(!d.path().join(DIR).exists(), "discarded");
+        assert!(r.list().unwrap().is_empty());
+        assert!(!r.provisioned().unwrap());
+        let made = crate::identity::Identity::load_or_create(d.path()).unwrap();
+        assert_ne!(
+            made.box_id, id.box_id,
+            "the box made an identity of its own"
+        );
+    }
+
+    #[test]
+    fn only_errors_that_may_go_away_stop_the_start() {
+        let io = |e: std::io::Error| ProvisionError::Io {
+            path: "x".into(),
+            source: e,
+        };
+        let os = |n| io(std::io::Error::from_raw_os_error(n));
+        use nix::libc;
+        for n in [
+            libc::ENOSPC,
+            libc::EDQUOT,
+            libc::EIO,
+            libc::EINTR,
+            libc::ENOMEM,
+            libc::EMFILE,
+        ] {
+            assert!(os(n).is_transient(), "{n}");
+        }
+        for n in [
+            libc::EACCES,
+            libc::EPERM,
+            libc::EISDIR,
+            libc::ENOTDIR,
+            libc::ELOOP,
+            libc::EROFS,
+        ] {
+            assert!(!os(n).is_transient(), "{n}");
+        }
+        assert!(!io(std::io::ErrorKind::InvalidData.into()).is_transient());
+        assert!(!ProvisionError::Mismatch.is_transient());
+        assert!(!ProvisionError::AlreadyImported.is_transient());
     }
 
     #[test]

@@ -22,8 +22,13 @@ use serde::{Deserialize, Serialize};
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// "key:HEX" or "token:HEX" -> device id.
 const CREDENTIALS: TableDefinition<&str, &str> = TableDefinition::new("credentials");
-/// Counters: "serial", the number of the latest pairing.
+/// Counters: "serial", the number of the latest pairing; markers:
+/// [`PROVISIONED`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Set (to 1) once flash-time provisioning was imported: any later
+/// provision directory is refused, so that files the FAT partition kept
+/// cannot pair again an owner revoked meanwhile.
+const PROVISIONED: &str = "provisioned";
 
 /// Longest device name kept.
 pub const MAX_NAME: usize = 64;
@@ -226,9 +231,47 @@ impl Registry {
         }
     }
 
+    /// Whether flash-time provisioning was imported already ([`Registry::mark_provisioned`]).
+    pub fn provisioned(&self) -> Result<bool, RegistryError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let meta = tx.open_table(META).map_err(db)?;
+        Ok(meta
+            .get(PROVISIONED)
+            .map_err(db)?
+            .is_some_and(|v| v.value() != 0))
+    }
+
+    /// Records, durably, that flash-time provisioning was imported.
+    pub fn mark_provisioned(&self) -> Result<(), RegistryError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(META)
+            .map_err(db)?
+            .insert(PROVISIONED, 1)
+            .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
     /// Pairs a device; returns it and its token if one was asked for. The
     /// change is durable when this returns.
     pub fn add(&self, new: NewDevice) -> Result<(Device, Option<String>), RegistryError> {
+        self.add_marked(new, false)
+    }
+
+    /// [`Registry::add`] for the owner that flash-time provisioning names,
+    /// marking provisioning done in the same transaction: the owner is
+    /// added and the import is over at once, or neither.
+    pub fn add_provisioned_owner(
+        &self,
+        new: NewDevice,
+    ) -> Result<(Device, Option<String>), RegistryError> {
+        self.add_marked(new, true)
+    }
+
+    fn add_marked(
+        &self,
+        new: NewDevice,
+        provisioned: bool,
+    ) -> Result<(Device, Option<String>), RegistryError> {
         check_name(&new.name)?;
         let id = hex::encode(random::<5>()?);
         let token = if new.token {
@@ -261,6 +304,9 @@ impl Registry {
             // A new owner is told of pairings after its own, not before.
             device.told_up_to = device.serial;
             meta.insert("serial", device.serial).map_err(db)?;
+            if provisioned {
+                meta.insert(PROVISIONED, 1).map_err(db)?;
+            }
             if let Some(k) = &new.key {
                 if let Some(other) = creds.get(credential_key("key", k).as_str()).map_err(db)? {
                     return Err(RegistryError::KeyTaken(other.value().to_owned()));
@@ -436,7 +482,8 @@ mod tests {
         assert!(r.take_news(&first.id).unwrap().is_empty());
         // The second owner: only what came after it.
         assert_eq!(names(r.take_news(&second.id).unwrap()), ["tv"]);
-        // A revoked device was still told of; survives a reopen.
+        // What an owner was told stays told across a revocation and a reopen;
+        // what comes later is news to both.
         r.remove(&phone.id).unwrap();
         drop(r);
         let r = Registry::open(d.path()).unwrap();
