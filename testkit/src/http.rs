@@ -178,3 +178,104 @@ fn read_response<S: Read>(s: &mut S, head_only: bool) -> std::io::Result<Respons
     }
     Ok(resp)
 }
+
+/// One request on a kept-alive connection `s` (plain TCP or a TLS stream),
+/// for benchmarks that move gigabytes: sends the head (`headers`, and
+/// Content-Length when there is a body), then `body` (`len` bytes read
+/// from it) in pieces of `piece` bytes, the first piece in the head's
+/// write; then reads the answer's head and copies its body (by its
+/// Content-Length, or chunked; none without either) to `out`. Returns the
+/// status and how many body bytes came. At most one piece is held in
+/// memory. The answer must be all the server sent, as it is without
+/// pipelining.
+pub fn exchange<S: Read + Write>(
+    s: &mut S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&mut dyn Read, u64)>,
+    out: &mut dyn Write,
+    piece: usize,
+) -> std::io::Result<(u16, u64)> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: cloudlet\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some((_, len)) = &body {
+        head.push_str(&format!("Content-Length: {len}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut buf = head.into_bytes();
+    if let Some((src, len)) = body {
+        let start = buf.len();
+        buf.resize(start + piece.max(1), 0);
+        let mut left = len;
+        let mut first = start;
+        loop {
+            let want = (buf.len() - first).min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = src.read(&mut buf[first..first + want])?;
+            if n == 0 && left > 0 {
+                return Err(bad(&format!("body ended {left} bytes short")));
+            }
+            left -= n as u64;
+            s.write_all(&buf[..first + n])?;
+            if left == 0 {
+                break;
+            }
+            first = 0;
+        }
+    } else {
+        s.write_all(&buf)?;
+    }
+    let mut r = BufReader::with_capacity(piece.max(8 << 10), &mut *s);
+    let (status, headers) = read_head(&mut r)?;
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let chunked = header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+    let mut got = 0;
+    if method == "HEAD" || status == 204 || status == 304 {
+        // No body.
+    } else if chunked {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let n = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| bad(&format!("bad chunk size {line:?}")))?;
+            if n == 0 {
+                break;
+            }
+            let k = std::io::copy(&mut (&mut r).take(n), out)?;
+            got += k;
+            if k != n {
+                return Err(bad(&format!("a chunk ended at {k} of {n} bytes")));
+            }
+            line.clear();
+            r.read_line(&mut line)?;
+        }
+        // Trailers, to the empty line.
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            if line.trim_end().is_empty() {
+                break;
+            }
+        }
+    } else if let Some(v) = header("content-length") {
+        let len = v
+            .parse::<u64>()
+            .map_err(|_| bad(&format!("bad Content-Length {v:?}")))?;
+        got = std::io::copy(&mut (&mut r).take(len), out)?;
+        if got != len {
+            return Err(bad(&format!("answer ended at {got} of {len} bytes")));
+        }
+    }
+    if !r.buffer().is_empty() {
+        return Err(bad("the server sent more than its answer"));
+    }
+    Ok((status, got))
+}
