@@ -5,39 +5,13 @@
 
 mod common;
 
-use common::Sharing;
+use common::{cloudlet, cloudlet_bin, text, Sharing};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use cloudlet_runtime::dial::{self, Check, Conn};
 use rustls::pki_types::CertificateDer;
-
-fn cloudlet_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-fn cloudlet(config: &Path, args: &[&str]) -> Output {
-    Command::new(cloudlet_bin())
-        .args(args)
-        .env("CLOUDLET_CONFIG_DIR", config)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Pairs the device of `config` with box `s` (its first device: the
 /// owner); returns the box ID.

@@ -6,38 +6,9 @@
 
 mod common;
 
-use common::Sharing;
+use common::{cloudlet, cloudlet_bin, text, Sharing};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-/// The `cloudlet` binary, built beside `cloudletd` by `cargo build --bins`
-/// (scripts/test builds the binaries before the tests).
-fn cloudlet_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-fn cloudlet(config: &Path, args: &[&str]) -> Output {
-    Command::new(cloudlet_bin())
-        .args(args)
-        .env("CLOUDLET_CONFIG_DIR", config)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use std::process::{Command, Stdio};
 
 #[test]
 fn cloudlet_pair_shows_the_code_pairs_on_the_second_press_and_pins_the_box() {

@@ -8,40 +8,12 @@
 
 mod common;
 
-use common::Sharing;
-use std::path::{Path, PathBuf};
+use common::{cloudlet, text, Sharing};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use cloudlet_runtime::tls;
 use cloudlet_testkit::image;
-
-fn cloudlet_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-fn cloudlet(config: &Path, args: &[&str]) -> Output {
-    Command::new(cloudlet_bin())
-        .args(args)
-        .env("CLOUDLET_CONFIG_DIR", config)
-        // Discovery, where a call needs it, stays on this machine.
-        .env("CLOUDLET_MDNS_INTERFACE", "lo")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 const FILES: [&str; 4] = ["identity.key", "identity.crt", "owner.crt", "owner.name"];
 

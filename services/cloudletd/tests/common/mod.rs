@@ -274,3 +274,38 @@ pub fn spawn_with(
         log,
     }
 }
+
+/// The `cloudlet` binary, built beside `cloudletd` by `cargo build --bins`
+/// (scripts/test builds the binaries before the tests).
+#[allow(dead_code)]
+pub fn cloudlet_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `cloudlet ARGS` as the device whose config is in `config`; mDNS,
+/// where a call needs it, stays on this machine (`lo`).
+#[allow(dead_code)]
+pub fn cloudlet(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(cloudlet_bin())
+        .args(args)
+        .env("CLOUDLET_CONFIG_DIR", config)
+        .env("CLOUDLET_MDNS_INTERFACE", "lo")
+        .output()
+        .unwrap()
+}
+
+/// What a command printed, stdout then stderr.
+#[allow(dead_code)]
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
