@@ -664,13 +664,38 @@ fn node_tests() -> PathBuf {
 
 #[test]
 fn pouchdb_replicates_both_ways_live_and_with_conflicts() {
-    let dir = node_tests();
     let d = tempfile::tempdir().unwrap();
     let s = Server::start(d.path());
+    pouchdb_passes(&format!("http://pouch:{}@{}", s.token, s.addr), &[]);
+}
+
+#[test]
+fn pouchdb_replicates_over_tls_trusting_only_the_box_identity() {
+    let d = tempfile::tempdir().unwrap();
+    let s = common::spawn_with("sync", d.path(), &[], None, true);
+    // Node trusts the box's identity certificate as an extra CA: its TLS
+    // checks our chain and the address the certificate names.
+    let der = std::fs::read(d.path().join("sharing/identity.crt")).unwrap();
+    let ca = d.path().join("box-ca.pem");
+    std::fs::write(&ca, cloudlet_runtime::tls::pem("CERTIFICATE", &der)).unwrap();
+    pouchdb_passes(
+        &format!("https://pouch:{}@{}", s.token, s.addr),
+        &[("NODE_EXTRA_CA_CERTS", ca.to_str().unwrap())],
+    );
+    let mut child = s.child;
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs PouchDB's checks (services/sync/tests-node/replicate.js) against
+/// the sync service at `url`, with `env`.
+fn pouchdb_passes(url: &str, env: &[(&str, &str)]) {
+    let dir = node_tests();
     let out = Command::new("node")
         .arg("replicate.js")
         .current_dir(&dir)
-        .env("SYNC_URL", format!("http://pouch:{}@{}", s.token, s.addr))
+        .env("SYNC_URL", url)
+        .envs(env.iter().copied())
         .env(
             "SYNC_BENCH_DOCS",
             std::env::var("SYNC_BENCH_DOCS").unwrap_or_default(),
