@@ -33,6 +33,24 @@ pub fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The host's `cloudlet` command, built beside the running test binary by
+/// `cargo build --bins` at the workspace root
+/// (target/debug/deps/TEST-HASH -> target/debug/cloudlet).
+pub fn cloudlet_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("cloudlet"))
+        .expect("a target directory");
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
+        p.display()
+    );
+    p
+}
+
 /// Where the built image and U-Boot are.
 pub fn out_dir() -> PathBuf {
     std::env::var_os("CLOUDLET_OUT")

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use cloudlet_tests_qemu::{BootOptions, Disk, Vm};
+use cloudlet_tests_qemu::{cloudlet_bin, BootOptions, Disk, Vm};
 
 /// Status LED changes (true = on) after `from`.
 fn status_changes(vm: &Vm, from: Duration) -> Vec<(Duration, bool)> {
@@ -68,24 +68,6 @@ fn leds_blink_while_booting_and_hold_steady_when_ready() -> Result<()> {
         board.power
     );
     Ok(())
-}
-
-/// The host's `cloudlet` command, built beside this test by `cargo test`
-/// at the workspace root.
-fn cloudlet_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/debug/deps/board-HASH -> target/debug/cloudlet
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("cloudlet"))
-        .expect("a target directory");
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
-        p.display()
-    );
-    p
 }
 
 /// Pairing as a person does it: a press on the box (through QMP), `cloudlet

@@ -3,30 +3,12 @@
 //! PC's key on the boot partition; the box's first boot takes them, and
 //! the PC is its owner with no button pressed and no window opened.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use cloudlet_tests_qemu::{out_dir, BootOptions, Disk, Vm};
-
-/// The host's `cloudlet` command, built beside this test by `cargo test`
-/// at the workspace root.
-fn cloudlet_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/debug/deps/provision-HASH -> target/debug/cloudlet
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("cloudlet"))
-        .expect("a target directory");
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first (cargo build --bins; scripts/test does)",
-        p.display()
-    );
-    p
-}
+use cloudlet_tests_qemu::{cloudlet_bin, out_dir, BootOptions, Disk, Vm};
 
 fn cloudlet(config: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(cloudlet_bin())

@@ -15,9 +15,8 @@ mod common;
 
 use common::Sharing;
 
-use cloudlet_runtime::tls;
 use cloudlet_testkit::http::{request_on, request_tls, Body, Response};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 
 /// A TLS client that pins the box, with or without a key of its own.
@@ -28,32 +27,9 @@ struct Client {
 
 impl Client {
     fn new(sharing: &Sharing, with_key: bool) -> Client {
-        let identity = CertificateDer::from(sharing.identity());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(identity.clone()).unwrap();
-        let b = rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let config = if with_key {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-            let cert = rcgen::CertificateParams::new(vec!["device".to_owned()])
-                .unwrap()
-                .self_signed(&key)
-                .unwrap();
-            b.with_client_auth_cert(
-                vec![cert.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap()
-        } else {
-            b.with_no_client_auth()
-        };
-        let spki = tls::spki_of(&identity).unwrap();
-        Client {
-            config: Arc::new(config),
-            name: tls::box_dns_name(&tls::box_id(&spki)),
-        }
+        let (config, name) =
+            common::pinning_client(&CertificateDer::from(sharing.identity()), with_key);
+        Client { config, name }
     }
 
     fn call(

@@ -16,7 +16,7 @@ use common::Sharing;
 
 use cloudlet_runtime::tls;
 use cloudlet_testkit::http::{request_on, Body, Response};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 
 /// A device: its own key and certificate, pinning the box's identity.
@@ -28,31 +28,8 @@ struct Device {
 
 impl Device {
     fn new(box_identity: &CertificateDer<'static>, with_cert: bool) -> Device {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(box_identity.clone()).unwrap();
-        let b = rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let config = if with_cert {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-            let cert = rcgen::CertificateParams::new(vec!["device".to_owned()])
-                .unwrap()
-                .self_signed(&key)
-                .unwrap();
-            b.with_client_auth_cert(
-                vec![cert.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap()
-        } else {
-            b.with_no_client_auth()
-        };
-        let spki = tls::spki_of(box_identity).unwrap();
-        Device {
-            config: Arc::new(config),
-            name: tls::box_dns_name(&tls::box_id(&spki)),
-        }
+        let (config, name) = common::pinning_client(box_identity, with_cert);
+        Device { config, name }
     }
 
     /// Connects; the session's pairing code (as the device shows it) and

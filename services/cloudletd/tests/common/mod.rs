@@ -309,3 +309,38 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// A TLS client configuration that pins the box whose identity
+/// certificate is `identity` as its only root, presenting a fresh
+/// self-signed device key when `with_key`; and the name to ask the box by
+/// (its box ID's DNS name).
+#[allow(dead_code)]
+pub fn pinning_client(
+    identity: &rustls::pki_types::CertificateDer<'static>,
+    with_key: bool,
+) -> (Arc<rustls::ClientConfig>, String) {
+    use cloudlet_runtime::tls;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.clone()).unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = if with_key {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["device".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        b.with_client_auth_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap()
+    } else {
+        b.with_no_client_auth()
+    };
+    let spki = tls::spki_of(identity).unwrap();
+    (Arc::new(config), tls::box_dns_name(&tls::box_id(&spki)))
+}
