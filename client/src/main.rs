@@ -5,6 +5,7 @@
 mod flash;
 mod pairbox;
 mod remote;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -124,6 +125,22 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// A box's replications (its sync service replicating databases with
+    /// other boxes, CouchDB or PouchDB servers): list, add, remove, state;
+    /// and the web origins allowed to use it from a browser.
+    Sync {
+        /// Which paired box (its ID).
+        #[arg(long = "box")]
+        box_id: Option<String>,
+        /// Where the box is, HOST[:PORT] (as for `devices`).
+        #[arg(long)]
+        host: Option<String>,
+        /// The sync service's port on the box.
+        #[arg(long, default_value_t = 5984)]
+        port: u16,
+        #[command(subcommand)]
+        cmd: Option<SyncCmd>,
+    },
     /// Stop every service in order and reboot.
     Reboot,
     /// Stop every service in order and power off.
@@ -138,6 +155,52 @@ enum DevicesCmd {
     Rename { id: String, name: String },
     /// Forget a device: every service refuses it at once.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum SyncCmd {
+    /// Every replication and its state (the default).
+    List,
+    /// Replicate SOURCE to TARGET. Each is a database on the box (`notes`),
+    /// a URL (`https://NAME:PASSWORD@HOST:PORT/DB`), or a paired box's
+    /// database (`box:BOXID/DB`).
+    Add {
+        source: String,
+        target: String,
+        /// Its name (default: made from SOURCE and TARGET).
+        #[arg(long)]
+        id: Option<String>,
+        /// Replicate what is there now and stop (default: keep replicating).
+        #[arg(long)]
+        once: bool,
+        /// Make the target database if it is missing.
+        #[arg(long)]
+        create_target: bool,
+        /// Also replicate TARGET back to SOURCE (a second replication,
+        /// named ID-back).
+        #[arg(long)]
+        both_ways: bool,
+    },
+    /// Stop a replication and forget it.
+    Remove { id: String },
+    /// A replication's state in detail (all of them without ID).
+    State { id: Option<String> },
+    /// The web origins besides the box's own pages allowed to call sync
+    /// from a browser (owners change them).
+    Cors {
+        #[command(subcommand)]
+        cmd: Option<CorsCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CorsCmd {
+    /// The allowed origins (the default).
+    List,
+    /// Allow an origin, `https://HOST[:PORT]`.
+    Add { origin: String },
+    /// Allow an origin no more.
+    Remove { origin: String },
 }
 
 #[derive(Subcommand)]
@@ -412,9 +475,76 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         })?,
+        Cmd::Sync {
+            box_id,
+            host,
+            port,
+            cmd,
+        } => remote(async move {
+            let at = sync::At {
+                box_id: box_id.as_deref(),
+                host: host.as_deref(),
+                port,
+            };
+            match cmd.unwrap_or(SyncCmd::List) {
+                SyncCmd::List => sync::list(&at).await?,
+                SyncCmd::Add {
+                    source,
+                    target,
+                    id,
+                    once,
+                    create_target,
+                    both_ways,
+                } => {
+                    let id = id.unwrap_or_else(|| sync::default_id(&source, &target));
+                    let there = sync::add(&at, &source, &target, Some(&id), !once, create_target);
+                    println!("{}", there.await?);
+                    if both_ways {
+                        let back = format!("{id}-back");
+                        let back =
+                            sync::add(&at, &target, &source, Some(&back), !once, create_target);
+                        println!("{}", back.await?);
+                    }
+                }
+                SyncCmd::Remove { id } => println!("{}", sync::remove(&at, &id).await?),
+                SyncCmd::State { id } => sync::state(&at, id.as_deref()).await?,
+                SyncCmd::Cors { cmd } => {
+                    let mut origins = sync::cors_origins(&at).await?;
+                    match cmd.unwrap_or(CorsCmd::List) {
+                        CorsCmd::List => {
+                            if origins.is_empty() {
+                                println!("only the box's own pages");
+                            }
+                            for o in &origins {
+                                println!("{o}");
+                            }
+                        }
+                        CorsCmd::Add { origin } => {
+                            sync::check_origin(&origin)?;
+                            if !origins.contains(&origin) {
+                                origins.push(origin.clone());
+                                sync::set_cors_origins(&at, &origins).await?;
+                            }
+                            println!("{origin} may call sync from a browser now");
+                        }
+                        CorsCmd::Remove { origin } => {
+                            let before = origins.len();
+                            origins.retain(|o| o != &origin);
+                            if origins.len() == before {
+                                return Err(format!("{origin} was not allowed"));
+                            }
+                            sync::set_cors_origins(&at, &origins).await?;
+                            println!("{origin} may not call sync any more");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?,
         Cmd::Status { json, box_id, host } => {
             // On the box, init answers; anywhere else, a paired box does.
-            let s = if box_id.is_some() || host.is_some() || !sock.exists() {
+            let remote_box = box_id.is_some() || host.is_some() || !sock.exists();
+            let s = if remote_box {
                 remote_status(box_id.as_deref(), host.as_deref()).map_err(|e| {
                     if sock.exists() {
                         e
@@ -443,6 +573,22 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             println!("ready:   {}", if s.all_ready { "yes" } else { "no" });
             println!("uptime:  {:.1} s", s.uptime_ms as f64 / 1000.0);
+            if remote_box {
+                // The box's sync service, on the same host.
+                let at = sync::At {
+                    box_id: box_id.as_deref(),
+                    host: host.as_deref(),
+                    port: 5984,
+                };
+                let mut line = String::new();
+                let _ = remote(async {
+                    line = sync::summary(&at)
+                        .await
+                        .unwrap_or_else(|e| format!("unavailable ({e})"));
+                    Ok(())
+                });
+                println!("sync:    {line}");
+            }
             println!("clock:   {}", format!("{:?}", s.clock).to_lowercase());
             match &s.data {
                 Some(d) => println!(

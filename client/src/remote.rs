@@ -330,16 +330,39 @@ pub async fn call_at(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, String> {
+    call_service(which, host, None, method, path, body).await
+}
+
+/// `addr` (`HOST:PORT`, as [`with_port`] makes it) with another port.
+fn on_port(addr: &str, port: u16) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{port}"),
+        None => format!("{addr}:{port}"),
+    }
+}
+
+/// [`call_at`] to another service of the box: the same host as its web
+/// UI, at `port` (sync's 5984, say) when given. Every service presents a
+/// certificate issued by the same pinned identity.
+pub async fn call_service(
+    which: Option<&str>,
+    host: Option<&str>,
+    port: Option<u16>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
     let cfg = Config::open()?;
     let (box_id, b) = cfg.pinned(which)?;
     let der = base64::engine::general_purpose::STANDARD
         .decode(&b.identity)
         .map_err(|e| format!("boxes.json: {e}"))?;
-    let addr = address(&box_id, &b, host).await?;
+    let web = address(&box_id, &b, host).await?;
+    let addr = port.map_or_else(|| web.clone(), |p| on_port(&web, p));
     let config = client_config(&cfg, Check::Pinned(CertificateDer::from(der)))?;
     let mut conn = Conn::connect(&addr, config, tls::box_dns_name(&box_id)).await?;
     // The handshake proved the pinned identity: this is where the box is.
-    if addr != b.addr {
+    if port.is_none() && addr != b.addr {
         let mut boxes = cfg.boxes()?;
         if let Some(p) = boxes.get_mut(&box_id) {
             p.addr = addr;

@@ -104,3 +104,44 @@ pub fn bundle_fixture() -> &'static BundleFixture {
 /// The SNTP target's request nonce (its transmit timestamp); the seeds'
 /// replies echo it as their originate timestamp.
 pub const SNTP_NONCE: [u8; 8] = *b"cl0udl3t";
+
+/// The client_chain target's input: certificates one after the other, as a
+/// TLS peer sends its chain. The leaf is the first DER element, as long as
+/// its header says (cut at the end of the input), or the whole input when
+/// that header does not read; the issuer is whatever follows. A seed is
+/// just the DER certificates concatenated.
+pub struct ChainInput<'a> {
+    pub leaf: &'a [u8],
+    pub issuer: &'a [u8],
+}
+
+impl<'a> ChainInput<'a> {
+    pub fn split(data: &'a [u8]) -> ChainInput<'a> {
+        let n = der_element_len(data).unwrap_or(data.len()).min(data.len());
+        let (leaf, issuer) = data.split_at(n);
+        ChainInput { leaf, issuer }
+    }
+}
+
+/// The length of the DER element at the start of `d` (header included),
+/// from its one-byte tag and its length (short form, or long form of up to
+/// four bytes).
+fn der_element_len(d: &[u8]) -> Option<usize> {
+    let (&first, rest) = d.get(1..)?.split_first()?;
+    let (header, body) = match first {
+        0..=0x7f => (2, usize::from(first)),
+        0x81..=0x84 => {
+            let k = usize::from(first & 0x7f);
+            let len = rest.get(..k)?;
+            (2 + k, len.iter().fold(0, |a, b| (a << 8) | usize::from(*b)))
+        }
+        _ => return None,
+    };
+    header.checked_add(body)
+}
+
+/// The client_chain target's fixture: the seed `service-chain.der`, a
+/// service's certificate and its box identity (a CA) as the box issues
+/// them. That identity signed only these two certificates, which the target
+/// relies on; tests/seeds.rs checks the chain.
+pub const SERVICE_CHAIN: &[u8] = include_bytes!("../seeds/client_chain/service-chain.der");

@@ -12,10 +12,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cloudlet_fuzz::{bundle_fixture, MbrInput, MBR_LEN, SNTP_NONCE};
+use cloudlet_fuzz::{bundle_fixture, ChainInput, MbrInput, MBR_LEN, SNTP_NONCE};
 use cloudlet_init::manifest::Manifest;
 use cloudlet_init::system::{clock, disk, ext4, sntp};
 use cloudlet_proto::bootstate::{BootState, Env, Slot, ENV_SIZE};
+use cloudlet_runtime::tls::{self, IdentityKeys};
+use cloudlet_sync::mango::{self, Index, Selector};
+use rustls_pki_types::CertificateDer;
+use serde_json::Value;
 
 fn seeds(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -118,6 +122,58 @@ fn sntp_seeds_are_accepted_replies() {
     for (name, bytes) in read_seeds("sntp") {
         if let Err(e) = sntp::parse_reply(&bytes, &sent, clock::build_time()) {
             panic!("sntp/{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn mango_seeds_parse() {
+    for (name, bytes) in read_seeds("mango") {
+        let v: Value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("mango/{name}: {e}"));
+        // A `_find` or `_changes` body, or a bare selector.
+        let selector = v.get("selector").unwrap_or(&v);
+        if let Err(e) = Selector::parse(selector) {
+            panic!("mango/{name}: {e}");
+        }
+        if let Some(Err(e)) = v.get("sort").map(mango::parse_sort) {
+            panic!("mango/{name}: sort: {e}");
+        }
+        if let Some(fields) = v.pointer("/index/fields") {
+            if let Err(e) = mango::parse_fields(fields, "index.fields") {
+                panic!("mango/{name}: {e}");
+            }
+        }
+        if v.get("language").and_then(Value::as_str) == Some("query") {
+            let indexes = Index::of_ddoc("_design/seed", v.as_object().unwrap());
+            assert!(
+                !indexes.is_empty(),
+                "mango/{name}: a design document without json indexes"
+            );
+        }
+    }
+}
+
+#[test]
+fn client_chain_seeds_name_their_keys() {
+    for (name, bytes) in read_seeds("client_chain") {
+        let c = ChainInput::split(&bytes);
+        let (leaf, issuer) = (CertificateDer::from(c.leaf), CertificateDer::from(c.issuer));
+        assert!(
+            tls::spki_of(&leaf).is_some(),
+            "client_chain/{name}: the leaf does not parse"
+        );
+        if !c.issuer.is_empty() {
+            let issuer_key = tls::spki_of(&issuer);
+            assert!(
+                issuer_key.is_some(),
+                "client_chain/{name}: the issuer does not parse"
+            );
+            assert_eq!(
+                tls::certified_by(&leaf, &issuer),
+                issuer_key,
+                "client_chain/{name}: the issuer did not certify the leaf"
+            );
         }
     }
 }
@@ -298,4 +354,46 @@ fn write_seeds() {
 
     // The signed fixture bundle.
     write("bundle", "signed.tar", &bundle_fixture().bytes);
+
+    // Client chains (fresh keys each time; the target reads its fixture
+    // from the seed): a service's certificate and its box identity, as the
+    // sharing service issues them (services/sharing/src/identity.rs); an
+    // identity showing itself, as a box calling another does; a device's
+    // self-signed certificate, as `cloudlet` makes it (client/src/remote.rs).
+    let p256 = &rcgen::PKCS_ECDSA_P256_SHA256;
+    let id = IdentityKeys::generate().unwrap();
+    let key = rcgen::KeyPair::generate_for(p256).unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(vec![tls::box_dns_name(&id.box_id), "localhost".into()])
+            .unwrap();
+    for ip in [
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ] {
+        p.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+    }
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, format!("Cloudlet {}", id.box_id));
+    p.distinguished_name = dn;
+    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    p.not_after = rcgen::date_time_ymd(9999, 12, 31);
+    p.use_authority_key_identifier_extension = true;
+    let service = p
+        .signed_by(&key, &rcgen::Issuer::from_params(&id.params, &id.key))
+        .unwrap();
+    write(
+        "client_chain",
+        "service-chain.der",
+        &[service.der().as_ref(), &id.cert_der].concat(),
+    );
+    write(
+        "client_chain",
+        "identity.der",
+        &[id.cert_der.as_slice(), &id.cert_der].concat(),
+    );
+    let device = rcgen::CertificateParams::new(vec!["laptop".into()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate_for(p256).unwrap())
+        .unwrap();
+    write("client_chain", "device.der", device.der());
 }

@@ -34,6 +34,9 @@ const EVERY: [&str; 12] = [
 /// Every public route of every service: (service, method, path).
 const PUBLIC: &[(&str, &str, &str)] = &[
     ("sync", "GET", "/health"),
+    // CouchDB's login: the password is a paired device's token.
+    ("sync", "POST", "/_session"),
+    ("sync", "DELETE", "/_session"),
     ("sharing", "GET", "/health"),
     // Pairing: a native device's request, and a browser's page and calls.
     ("sharing", "POST", "/pair"),

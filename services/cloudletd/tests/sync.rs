@@ -185,7 +185,8 @@ fn databases_are_made_listed_described_and_deleted() {
     assert_eq!(s.call("PUT", "/a%2Fb", None).0, 201, "a slash is allowed");
     assert_eq!(
         s.call("GET", "/_all_dbs", None),
-        (200, json!(["a/b", "db"]))
+        // `_replicator` (the replicator's configuration) is always there.
+        (200, json!(["_replicator", "a/b", "db"]))
     );
     let (st, info) = s.call("GET", "/db", None);
     assert_eq!(st, 200);
@@ -709,4 +710,614 @@ fn pouchdb_passes(url: &str, env: &[(&str, &str)]) {
         out.status.success() && stdout.contains("all passed"),
         "PouchDB's checks failed:\n{stdout}\n{stderr}"
     );
+}
+
+/// Ids of a `_find` answer's docs.
+fn ids(v: &Value) -> Vec<String> {
+    v["docs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no docs in {v}"))
+        .iter()
+        .map(|d| d["_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn mango_find_matches_sorts_on_indexes_pages_with_bookmarks_and_explains() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    s.call("PUT", "/db", None);
+    let docs: Vec<Value> = (0..30)
+        .map(|i| {
+            json!({"_id": format!("d{i:02}"), "n": i, "kind": if i % 3 == 0 { "a" } else { "b" },
+                   "name": format!("x{i}"), "tags": [format!("t{i}")], "nested": {"half": i / 2}})
+        })
+        .collect();
+    assert_eq!(
+        s.call("POST", "/db/_bulk_docs", Some(json!({ "docs": docs })))
+            .0,
+        201
+    );
+    // A design document and a deleted document are never results.
+    s.call(
+        "PUT",
+        "/db/_design/js",
+        Some(json!({"kind": "a", "views": {}})),
+    );
+    let gone = s.call("PUT", "/db/gone", Some(json!({"kind": "a"}))).1;
+    s.call(
+        "DELETE",
+        &format!("/db/gone?rev={}", gone["rev"].as_str().unwrap()),
+        None,
+    );
+
+    let (st, v) = s.call(
+        "POST",
+        "/db/_find",
+        Some(json!({"selector": {"kind": "a"}})),
+    );
+    assert_eq!(st, 200);
+    let every_third: Vec<String> = (0..30).step_by(3).map(|i| format!("d{i:02}")).collect();
+    assert_eq!(ids(&v), every_third);
+    assert!(v["warning"].as_str().unwrap().contains("No matching index"));
+    // Operators, nested fields and fields.
+    let (_, v) = s.call(
+        "POST",
+        "/db/_find",
+        Some(json!({"selector": {"$or": [{"name": {"$regex": "^x2[89]$"}}, {"tags": {"$elemMatch": {"$eq": "t5"}}}],
+                                 "nested.half": {"$gte": 2}},
+                    "fields": ["_id", "n"]})),
+    );
+    assert_eq!(
+        v["docs"],
+        json!([{"_id": "d05", "n": 5}, {"_id": "d28", "n": 28}, {"_id": "d29", "n": 29}])
+    );
+    // Pages of 4 by bookmark: every match once, in order.
+    let mut seen = Vec::new();
+    let mut bookmark = json!(null);
+    loop {
+        let (st, v) = s.call(
+            "POST",
+            "/db/_find",
+            Some(json!({"selector": {"kind": "a"}, "limit": 4, "bookmark": bookmark})),
+        );
+        assert_eq!(st, 200);
+        let page = ids(&v);
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 4);
+        seen.extend(page);
+        bookmark = v["bookmark"].clone();
+    }
+    assert_eq!(seen, every_third);
+    // A sort needs an index on its fields.
+    let sorted = json!({"selector": {"n": {"$gte": 10}}, "sort": [{"n": "desc"}], "limit": 5,
+                        "execution_stats": true});
+    assert_eq!(
+        s.call("POST", "/db/_find", Some(sorted.clone())),
+        error(
+            400,
+            "no_usable_index",
+            "No index exists for this sort, try indexing by the sort fields."
+        )
+    );
+    let idx = json!({"index": {"fields": ["n"]}, "name": "by-n", "ddoc": "idx", "type": "json"});
+    assert_eq!(
+        s.call("POST", "/db/_index", Some(idx.clone())),
+        (
+            200,
+            json!({"result": "created", "id": "_design/idx", "name": "by-n"})
+        )
+    );
+    assert_eq!(
+        s.call("POST", "/db/_index", Some(idx)).1["result"],
+        "exists"
+    );
+    let (_, list) = s.call("GET", "/db/_index", None);
+    assert_eq!(list["total_rows"], 2);
+    assert_eq!(list["indexes"][0]["name"], "_all_docs");
+    assert_eq!(
+        list["indexes"][1],
+        json!({"ddoc": "_design/idx", "name": "by-n", "type": "json", "partitioned": false,
+               "def": {"fields": [{"n": "asc"}]}})
+    );
+    // The index is a design document like CouchDB's, replicated as any other.
+    let (st, ddoc) = s.call("GET", "/db/_design/idx", None);
+    assert_eq!((st, &ddoc["language"]), (200, &json!("query")));
+    let (st, v) = s.call("POST", "/db/_find", Some(sorted.clone()));
+    assert_eq!(st, 200);
+    assert_eq!(ids(&v), ["d29", "d28", "d27", "d26", "d25"]);
+    assert_eq!(v["execution_stats"]["total_docs_examined"], 30);
+    assert_eq!(v["execution_stats"]["results_returned"], 5);
+    let mut next = sorted.clone();
+    next["bookmark"] = v["bookmark"].clone();
+    next["skip"] = json!(1);
+    assert_eq!(
+        ids(&s.call("POST", "/db/_find", Some(next)).1),
+        ["d23", "d22", "d21", "d20", "d19"]
+    );
+    let (st, ex) = s.call("POST", "/db/_explain", Some(sorted));
+    assert_eq!((st, &ex["index"]["name"]), (200, &json!("by-n")));
+    assert_eq!(ex["limit"], 5);
+    // Bad queries are CouchDB's 400s.
+    assert_eq!(
+        s.call(
+            "POST",
+            "/db/_find",
+            Some(json!({"selector": {"n": {"$foo": 1}}}))
+        ),
+        error(400, "invalid_operator", "Invalid operator: $foo")
+    );
+    assert_eq!(
+        s.call(
+            "POST",
+            "/db/_find",
+            Some(json!({"selector": {}, "sort": ["n", {"kind": "desc"}]}))
+        )
+        .1["error"],
+        "unsupported_mixed_sort"
+    );
+    assert_eq!(
+        s.call("POST", "/db/_find", Some(json!({"limit": 1}))).0,
+        400
+    );
+    assert_eq!(
+        s.call(
+            "POST",
+            "/db/_find",
+            Some(json!({"selector": {}, "bookmark": "!!"}))
+        )
+        .1["error"],
+        "invalid_bookmark"
+    );
+    assert_eq!(
+        s.call("POST", "/nodb/_find", Some(json!({"selector": {}})))
+            .0,
+        404
+    );
+    // Deleting the last index of a design document deletes it.
+    assert_eq!(
+        s.call("DELETE", "/db/_index/idx/json/by-n", None),
+        (200, json!({"ok": true}))
+    );
+    assert_eq!(s.call("GET", "/db/_index", None).1["total_rows"], 1);
+    assert_eq!(s.call("GET", "/db/_design/idx", None).0, 404);
+    assert_eq!(
+        s.call("DELETE", "/db/_index/_design/idx/json/by-n", None),
+        error(404, "not_found", "Index not found")
+    );
+}
+
+#[test]
+fn changes_filter_by_selector_and_design_and_stream_as_eventsource() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    s.call("PUT", "/db", None);
+    for (id, kind) in [("a", "x"), ("b", "y"), ("c", "x")] {
+        s.call("PUT", &format!("/db/{id}"), Some(json!({"kind": kind})));
+    }
+    s.call(
+        "PUT",
+        "/db/_design/app",
+        Some(json!({"filters": {"f": "function(){}"}})),
+    );
+    let row_ids = |v: &Value| -> Vec<String> {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (st, v) = s.call(
+        "POST",
+        "/db/_changes?filter=_selector",
+        Some(json!({"selector": {"kind": "x"}})),
+    );
+    assert_eq!((st, row_ids(&v)), (200, vec!["a".into(), "c".into()]));
+    assert_eq!(
+        row_ids(&s.call("GET", "/db/_changes?filter=_design", None).1),
+        ["_design/app"]
+    );
+    let (st, v) = s.call("GET", "/db/_changes?filter=app/f", None);
+    assert_eq!((st, &v["error"]), (400, &json!("bad_request")));
+    assert!(v["reason"].as_str().unwrap().contains("JavaScript"));
+    assert_eq!(
+        s.call("POST", "/db/_changes?filter=_selector", Some(json!({})))
+            .0,
+        400
+    );
+    // Server-sent events: one event per change, its sequence as the id.
+    let r = s.raw("GET", "/db/_changes?feed=eventsource&timeout=200", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = r.text();
+    let events: Vec<(Value, u64)> = text
+        .split("\n\n")
+        .filter(|e| e.starts_with("data: "))
+        .map(|e| {
+            let (data, id) = e.split_once("\nid: ").unwrap();
+            (
+                serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap(),
+                id.parse().unwrap(),
+            )
+        })
+        .collect();
+    let got: Vec<(String, u64)> = events
+        .iter()
+        .map(|(v, id)| (v["id"].as_str().unwrap().to_owned(), *id))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 2),
+            ("c".to_owned(), 3),
+            ("_design/app".to_owned(), 4)
+        ]
+    );
+    assert!(events.iter().all(|(v, id)| v["seq"] == json!(id)));
+    // A reconnecting EventSource sends the last id it saw.
+    let r = s.raw(
+        "GET",
+        "/db/_changes?feed=eventsource&timeout=200",
+        &[("Last-Event-ID", "3")],
+        b"",
+    );
+    assert_eq!(r.text().matches("data: ").count(), 1);
+    assert!(r.text().contains("\"_design/app\""));
+}
+
+#[test]
+fn attachments_are_put_and_deleted_on_their_own_routes() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    s.call("PUT", "/db", None);
+    let png = [0x89u8, b'P', b'N', b'G', 0, 1, 2, 255];
+    // No rev and no document: the document is made.
+    let r = s.raw(
+        "PUT",
+        "/db/pic/a.png",
+        &[("Content-Type", "image/png")],
+        &png,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    let rev1 = v["rev"].as_str().unwrap().to_owned();
+    assert!(rev1.starts_with("1-"));
+    let r = s.raw("GET", "/db/pic/a.png", &[], b"");
+    assert_eq!((r.status, r.body.as_slice()), (200, &png[..]));
+    assert_eq!(r.header("content-type"), Some("image/png"));
+    // Without the rev on an existing document: conflict.
+    assert_eq!(s.raw("PUT", "/db/pic/b.txt", &[], b"x").status, 409);
+    let r = s.raw(
+        "PUT",
+        &format!("/db/pic/dir%2Fb.txt?rev={rev1}"),
+        &[("Content-Type", "text/plain")],
+        b"hello",
+    );
+    assert_eq!(r.status, 201);
+    let rev2 = serde_json::from_slice::<Value>(&r.body).unwrap()["rev"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, doc) = s.call("GET", "/db/pic", None);
+    assert_eq!(doc["_attachments"]["a.png"]["revpos"], 1);
+    assert_eq!(doc["_attachments"]["dir/b.txt"]["revpos"], 2);
+    assert_eq!(doc["_attachments"]["dir/b.txt"]["length"], 5);
+    // atts_since: only what changed after the client's revision has data.
+    let (_, doc) = s.call(
+        "GET",
+        &format!("/db/pic?atts_since=%5B%22{rev1}%22%5D"),
+        None,
+    );
+    assert_eq!(doc["_attachments"]["a.png"]["stub"], true, "{doc}");
+    assert_eq!(
+        doc["_attachments"]["dir/b.txt"]["data"],
+        base64_encode(b"hello")
+    );
+    // Delete: needs the current rev; then the attachment is gone.
+    assert_eq!(s.call("DELETE", "/db/pic/a.png", None).0, 409);
+    assert_eq!(
+        s.call("DELETE", &format!("/db/pic/a.png?rev={rev1}"), None)
+            .0,
+        409
+    );
+    let (st, v) = s.call("DELETE", &format!("/db/pic/a.png?rev={rev2}"), None);
+    assert_eq!((st, &v["ok"]), (200, &json!(true)));
+    assert_eq!(s.call("GET", "/db/pic/a.png", None).0, 404);
+    let rev3 = v["rev"].as_str().unwrap();
+    assert_eq!(
+        s.call("DELETE", &format!("/db/pic/a.png?rev={rev3}"), None),
+        error(404, "not_found", "Document is missing attachment")
+    );
+    assert_eq!(s.raw("GET", "/db/pic/dir%2Fb.txt", &[], b"").body, b"hello");
+    // Design documents take attachments the same way.
+    assert_eq!(
+        s.raw(
+            "PUT",
+            "/db/_design/ui/index.html",
+            &[("Content-Type", "text/html")],
+            b"<p>"
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        s.raw("GET", "/db/_design/ui/index.html", &[], b"").body,
+        b"<p>"
+    );
+}
+
+/// A request with only the given headers (no bearer token).
+fn bare(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let body = if body.is_empty() {
+        Body::None
+    } else {
+        Body::Bytes(body)
+    };
+    request(s.addr, method, path, headers, body).unwrap()
+}
+
+#[test]
+fn session_cookies_log_in_with_the_token_count_only_same_site_and_log_out() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    let json_ct = ("Content-Type", "application/json");
+    let wrong = bare(
+        &s,
+        "POST",
+        "/_session",
+        &[json_ct],
+        br#"{"name":"a","password":"nope"}"#,
+    );
+    assert_eq!(wrong.status, 401);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&wrong.body).unwrap()["error"],
+        "unauthorized"
+    );
+    let form = format!("name=alice&password={}", s.token);
+    let r = bare(
+        &s,
+        "POST",
+        "/_session",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        form.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap(),
+        json!({"ok": true, "name": "alice", "roles": ["_admin"]})
+    );
+    let set = r.header("set-cookie").unwrap().to_owned();
+    assert!(set.starts_with("AuthSession="), "{set}");
+    for part in ["; HttpOnly", "; SameSite=Strict", "; Path=/"] {
+        assert!(set.contains(part), "{set} has {part}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP: {set}");
+    let cookie = set.split(';').next().unwrap().to_owned();
+    // The cookie is the credential now, on reading requests...
+    let r = bare(&s, "GET", "/_session", &[("Cookie", &cookie)], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap()["userCtx"]["name"],
+        "alice"
+    );
+    // ...and on changes from the box's own https pages, never from others.
+    let own = [
+        ("Cookie", cookie.as_str()),
+        ("Origin", "https://cloudlet:8080"),
+    ];
+    assert_eq!(bare(&s, "PUT", "/cookiedb", &own, b"").status, 201);
+    for origin in ["https://evil.example", "http://cloudlet:8080"] {
+        let r = bare(
+            &s,
+            "PUT",
+            "/other",
+            &[("Cookie", &cookie), ("Origin", origin)],
+            b"",
+        );
+        assert_eq!(r.status, 403, "{origin}");
+    }
+    assert_eq!(
+        bare(&s, "PUT", "/other", &[("Cookie", &cookie)], b"").status,
+        403
+    );
+    assert_eq!(
+        bare(
+            &s,
+            "GET",
+            "/_all_dbs",
+            &[("Cookie", "AuthSession=made.up")],
+            b""
+        )
+        .status,
+        401
+    );
+    // A JSON login works the same way.
+    let body = json!({"name": "bob", "password": s.token}).to_string();
+    assert_eq!(
+        bare(&s, "POST", "/_session", &[json_ct], body.as_bytes()).status,
+        200
+    );
+    // Logging out ends the session on the server, not only in the browser.
+    let r = bare(&s, "DELETE", "/_session", &[("Cookie", &cookie)], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("set-cookie").unwrap().contains("Max-Age=0"));
+    assert_eq!(
+        bare(&s, "GET", "/_all_dbs", &[("Cookie", &cookie)], b"").status,
+        401
+    );
+}
+
+#[test]
+fn owner_added_cors_origins_are_checked_kept_and_applied() {
+    let d = tempfile::tempdir().unwrap();
+    let mut s = Server::start(d.path());
+    assert_eq!(
+        s.call("GET", "/_cloudlet/cors", None),
+        (200, json!({"origins": []}))
+    );
+    for bad in [
+        "ftp://x.example",
+        "https://app.example/path",
+        "*",
+        "https://",
+    ] {
+        let (st, v) = s.call("PUT", "/_cloudlet/cors", Some(json!({"origins": [bad]})));
+        assert_eq!((st, &v["error"]), (400, &json!("bad_request")), "{bad}");
+    }
+    let (st, _) = s.call(
+        "PUT",
+        "/_cloudlet/cors",
+        Some(json!({"origins": ["https://App.example", "http://127.0.0.1:5173"]})),
+    );
+    assert_eq!(st, 200);
+    let pre = |s: &Server, origin: &str| {
+        bare(
+            s,
+            "OPTIONS",
+            "/db/_changes",
+            &[("Origin", origin), ("Access-Control-Request-Method", "GET")],
+            b"",
+        )
+        .header("access-control-allow-origin")
+        .map(str::to_owned)
+    };
+    assert_eq!(
+        pre(&s, "http://127.0.0.1:5173").as_deref(),
+        Some("http://127.0.0.1:5173")
+    );
+    assert_eq!(
+        pre(&s, "https://app.example").as_deref(),
+        Some("https://app.example")
+    );
+    assert_eq!(pre(&s, "https://other.example"), None);
+    assert_eq!(
+        pre(&s, "http://cloudlet:8080").as_deref(),
+        Some("http://cloudlet:8080")
+    );
+    // Only the owner changes the list; other devices may read it.
+    let out = s
+        ._registry
+        .owner(&["add-device", "phone", "device"])
+        .unwrap();
+    let phone = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token "))
+        .unwrap()
+        .to_owned();
+    let auth = format!("Bearer {phone}");
+    let r = bare(
+        &s,
+        "PUT",
+        "/_cloudlet/cors",
+        &[("Authorization", &auth)],
+        br#"{"origins":[]}"#,
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        bare(
+            &s,
+            "GET",
+            "/_cloudlet/cors",
+            &[("Authorization", &auth)],
+            b""
+        )
+        .status,
+        200
+    );
+    // Kept across a restart.
+    s.kill();
+    let s = Server::start(d.path());
+    assert_eq!(
+        s.call("GET", "/_cloudlet/cors", None),
+        (
+            200,
+            json!({"origins": ["https://app.example", "http://127.0.0.1:5173"]})
+        )
+    );
+    assert_eq!(
+        pre(&s, "http://127.0.0.1:5173").as_deref(),
+        Some("http://127.0.0.1:5173")
+    );
+}
+
+#[test]
+fn compaction_stems_every_document_to_the_revs_limit_and_keeps_every_leaf() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path());
+    s.call("PUT", "/db", None);
+    let mut rev = s.call("PUT", "/db/doc", Some(json!({"v": 0}))).1["rev"].clone();
+    for i in 1..10 {
+        rev = s
+            .call("PUT", "/db/doc", Some(json!({"_rev": rev, "v": i})))
+            .1["rev"]
+            .clone();
+    }
+    // A conflicting branch from generation 3.
+    let (_, full) = s.call("GET", "/db/doc?revs=true", None);
+    let ids: Vec<Value> = full["_revisions"]["ids"].as_array().unwrap().clone();
+    let branch: Vec<Value> = std::iter::once(json!("other"))
+        .chain(ids[7..].iter().cloned())
+        .collect();
+    let (st, _) = s.call(
+        "POST",
+        "/db/_bulk_docs",
+        Some(json!({"new_edits": false, "docs": [
+            {"_id": "doc", "_rev": "4-other", "_revisions": {"start": 4, "ids": branch}, "v": "b"}]})),
+    );
+    assert_eq!(st, 201);
+    assert_eq!(
+        s.call("GET", "/db/doc?revs=true", None).1["_revisions"]["ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+    s.call("PUT", "/db/_revs_limit", Some(json!(2)));
+    assert_eq!(
+        s.call("POST", "/db/_compact", None),
+        (202, json!({"ok": true}))
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.call("GET", "/db", None).1["compact_running"] == json!(true) {
+        assert!(Instant::now() < deadline, "compaction did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, doc) = s.call("GET", "/db/doc?revs=true&conflicts=true", None);
+    assert_eq!(doc["_rev"], rev);
+    assert_eq!(doc["_revisions"]["ids"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["_conflicts"], json!(["4-other"]));
+    let (_, other) = s.call("GET", "/db/doc?rev=4-other&revs=true", None);
+    assert_eq!(other["v"], "b");
+    assert_eq!(other["_revisions"]["ids"].as_array().unwrap().len(), 2);
+    assert_eq!(s.call("POST", "/nodb/_compact", None).0, 404);
+}
+
+#[test]
+fn session_cookies_are_secure_over_tls() {
+    let d = tempfile::tempdir().unwrap();
+    let s = common::spawn_with("sync", d.path(), &[], None, true);
+    let der = std::fs::read(d.path().join("sharing/identity.crt")).unwrap();
+    let (config, name) =
+        common::pinning_client(&rustls::pki_types::CertificateDer::from(der), false);
+    let body = json!({"name": "tls", "password": s.token}).to_string();
+    let r = cloudlet_testkit::http::request_tls(
+        s.addr,
+        &config,
+        &name,
+        "POST",
+        "/_session",
+        &[("Content-Type", "application/json")],
+        Body::Bytes(body.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let set = r.header("set-cookie").unwrap();
+    assert!(set.ends_with("; Secure"), "{set}");
+    let mut child = s.child;
+    let _ = child.kill();
+    let _ = child.wait();
 }

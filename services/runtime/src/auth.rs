@@ -58,6 +58,12 @@ impl Identity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerKey(pub String);
 
+/// The SHA-256 (hex) of the CA key that certified the client's key, when
+/// the client presented such a chain ([`crate::tls::peer_issuer`]): another
+/// box's service, certified by that box's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIssuer(pub String);
+
 /// The cookie a browser paired through the box's page keeps its token in.
 pub const TOKEN_COOKIE: &str = "cloudlet_token";
 
@@ -69,6 +75,9 @@ pub struct Presented {
     pub token: Option<String>,
     /// The hash of the client's TLS key.
     pub key: Option<String>,
+    /// The hash of the CA key that certified it ([`PeerIssuer`]): counts
+    /// only for a paired box, and only when `key` itself is not paired.
+    pub issuer: Option<String>,
     /// `Authorization` was there but could not be read.
     pub malformed: bool,
     /// The token came from the cookie (a browser's).
@@ -83,6 +92,7 @@ impl Presented {
     pub fn from_request<B>(req: &hyper::Request<B>) -> Presented {
         let mut p = Presented::from_headers(req.headers());
         p.key = req.extensions().get::<PeerKey>().map(|k| k.0.clone());
+        p.issuer = req.extensions().get::<PeerIssuer>().map(|k| k.0.clone());
         let other = p.key.is_some() || p.token.is_some() || p.malformed;
         if !other {
             if let Some(t) = cookie_of(req.headers()) {

@@ -270,6 +270,8 @@ pub enum Transport {
 #[derive(Clone)]
 struct TlsPeer {
     key: Option<String>,
+    /// As [`auth::PeerIssuer`].
+    issuer: Option<String>,
     binding: Option<tls::SessionBinding>,
 }
 
@@ -311,6 +313,9 @@ impl<H> Conn<H> {
             if let Some(t) = &tls {
                 if let Some(k) = &t.key {
                     req.extensions_mut().insert(auth::PeerKey(k.clone()));
+                }
+                if let Some(k) = &t.issuer {
+                    req.extensions_mut().insert(auth::PeerIssuer(k.clone()));
                 }
                 if let Some(b) = t.binding {
                     req.extensions_mut().insert(b);
@@ -425,6 +430,7 @@ where
                             let (_, session) = tls.get_ref();
                             let who = TlsPeer {
                                 key: tls::peer_key(session),
+                                issuer: tls::peer_issuer(session),
                                 binding: tls::session_binding(session),
                             };
                             conn.serve(tls, Some(who)).await
@@ -924,8 +930,23 @@ where
     F: Future<Output = Response<B>> + Send + 'static,
     B: ResponseBody,
 {
+    run_service_with(opts, transport, Limits::from_env()?, handler).await
+}
+
+/// [`run_service`] with `limits` (from [`Limits::from_env`], changed where a
+/// service's clients need other bounds).
+pub async fn run_service_with<H, F, B>(
+    opts: ServiceOptions,
+    transport: Transport,
+    limits: Limits,
+    handler: H,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
     check_state_dir(&opts.state_dir)?;
-    let limits = Limits::from_env()?;
     // Two descriptors per connection (socket, file) and some to spare for
     // the database, the listener and logs.
     let needed = (limits.max_connections as u64).saturating_mul(2) + 64;

@@ -9,9 +9,11 @@
 //!   without a restart. While the registry cannot be reached nothing is
 //!   cached and every request gets 503: a service never guesses.
 //! * The interface ([`INTERFACE`] at [`PATH`]): `Check(kind, hash) ->
-//!   (device, name, role)` with an empty device for "unknown"; `AddDevice`,
-//!   `Revoke`, `List` for root on the box (`cloudletd sharing add-device`);
-//!   the `Changed(device)` signal.
+//!   (device, name, role)` with an empty device for "unknown" (kind `key`,
+//!   `token`, or `issuer`: the key of the CA that certified a client's key,
+//!   answered only for a paired box); `IssueTlsCert` and `Boxes` for the
+//!   box's services; `AddDevice`, `Revoke`, `List` for root on the box
+//!   (`cloudletd sharing add-device`); the `Changed(device)` signal.
 //!
 //! Tokens never cross the bus: a service sends the token's hash
 //! ([`token_hash`]), which is how the registry keeps it.
@@ -86,6 +88,63 @@ pub async fn issue_tls(conn: &zbus::Connection) -> std::io::Result<(Vec<Vec<u8>>
         .map_err(|e| std::io::Error::other(format!("no TLS certificate from the registry: {e}")))
 }
 
+/// A box this box is paired with, as the registry keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairedBox {
+    /// The registry's id of it.
+    pub device: String,
+    pub name: String,
+    /// Its box ID (from its key).
+    pub box_id: String,
+    /// SHA-256 (hex) of its identity key: what its services' certificate
+    /// chains must end with ([`crate::dial::box_client_config`]).
+    pub key_hash: String,
+}
+
+/// The boxes this box is paired with (the registry's `Boxes`; the box's
+/// services may ask).
+pub async fn paired_boxes(conn: &zbus::Connection) -> std::io::Result<Vec<PairedBox>> {
+    let listed = tokio::time::timeout(
+        CALL_TIMEOUT,
+        call::<_, Vec<(String, String, String)>>(conn, "Boxes", &()),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("the registry did not list the paired boxes in time"))?
+    .map_err(|e| {
+        std::io::Error::other(format!("the registry did not list the paired boxes: {e}"))
+    })?;
+    Ok(listed
+        .into_iter()
+        .filter_map(|(device, name, key_hash)| {
+            Some(PairedBox {
+                box_id: crate::tls::box_id_of_key_hash(&key_hash)?,
+                device,
+                name,
+                key_hash,
+            })
+        })
+        .collect())
+}
+
+/// A service's TLS certificate chain (its certificate, then the box's
+/// identity certificate, DER) and its key (PKCS#8 DER), as the registry
+/// issued them: what the service serves with, and presents when it calls
+/// another box.
+#[derive(Clone)]
+pub struct ServiceCert {
+    pub chain: Vec<Vec<u8>>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServiceCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("ServiceCert")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     conn: Option<zbus::Connection>,
@@ -105,6 +164,8 @@ impl Inner {
 /// The registry's answer, cached, as an [`Authenticator`].
 pub struct RegistryAuth {
     inner: Arc<Mutex<Inner>>,
+    /// The certificate the service serves with, once issued.
+    cert: tokio::sync::Mutex<Option<ServiceCert>>,
     /// Each `Changed(device)`, after the cache is dropped for it.
     changed: tokio::sync::broadcast::Sender<String>,
     /// Ends the background task when the service drops this.
@@ -121,6 +182,7 @@ impl RegistryAuth {
         tokio::spawn(watch(socket, inner.clone(), changed.clone(), stop.clone()));
         RegistryAuth {
             inner,
+            cert: tokio::sync::Mutex::new(None),
             changed,
             _watch: stop.drop_guard(),
         }
@@ -139,7 +201,7 @@ impl RegistryAuth {
 
     /// How the service is to serve: TLS with a fresh key certified by the
     /// box's identity (asked of the registry), or plain HTTP when the
-    /// options say so (loopback only, checked by [`ServiceOptions::check`]).
+    /// options say so (loopback only, checked by [`crate::ServiceOptions::check`]).
     pub async fn transport(
         &self,
         opts: &crate::ServiceOptions,
@@ -149,12 +211,40 @@ impl RegistryAuth {
             tracing::warn!(listen = %opts.listen, "plain HTTP on loopback, no TLS (--plain)");
             return Ok(crate::Transport::Plain);
         }
-        let conn = lock(&self.inner).conn.clone().ok_or_else(|| {
-            std::io::Error::other("no TLS certificate: the device registry is not reachable")
-        })?;
-        let (chain, key) = issue_tls(&conn).await?;
+        let ServiceCert { chain, key } = self.service_cert().await?;
         let config = crate::tls::server_config(chain, key).map_err(std::io::Error::other)?;
         Ok(crate::Transport::Tls(config))
+    }
+
+    /// The service's certificate chain and key: the ones it serves with
+    /// ([`RegistryAuth::transport`]), asked of the registry on first use and
+    /// kept for the service's life. A service presents them when it calls
+    /// another box ([`crate::dial::box_client_config`]).
+    pub async fn service_cert(&self) -> std::io::Result<ServiceCert> {
+        let mut kept = self.cert.lock().await;
+        if let Some(c) = kept.as_ref() {
+            return Ok(c.clone());
+        }
+        let conn = self
+            .conn()
+            .map_err(|e| std::io::Error::other(format!("no TLS certificate: {e}")))?;
+        let (chain, key) = issue_tls(&conn).await?;
+        let c = ServiceCert { chain, key };
+        *kept = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The boxes this box is paired with, asked of the registry now (not
+    /// cached: a box unpaired a moment ago is not listed).
+    pub async fn paired_boxes(&self) -> std::io::Result<Vec<PairedBox>> {
+        paired_boxes(&self.conn()?).await
+    }
+
+    fn conn(&self) -> std::io::Result<zbus::Connection> {
+        lock(&self.inner)
+            .conn
+            .clone()
+            .ok_or_else(|| std::io::Error::other("the device registry is not reachable"))
     }
 
     /// Waits (up to `timeout`) until the registry is connected.
@@ -260,7 +350,14 @@ impl Authenticator for RegistryAuth {
                 (None, None) if p.malformed => return Err(AuthError::Invalid),
                 (None, None) => return Err(AuthError::Missing),
             };
-            let cache_key = format!("{kind}:{hash}");
+            // A key certified by a CA is also asked about as the CA's key
+            // (another box's service): the registry answers that only for
+            // a paired box.
+            let issuer = p.issuer.as_deref().filter(|_| kind == "key");
+            let cache_key = match issuer {
+                Some(i) => format!("{kind}:{hash}/{i}"),
+                None => format!("{kind}:{hash}"),
+            };
             let (conn, generation) = {
                 let mut i = lock(&self.inner);
                 if let Some((who, at)) = i.cache.get(&cache_key) {
@@ -272,22 +369,11 @@ impl Authenticator for RegistryAuth {
                 (i.conn.clone(), i.generation)
             };
             let conn = conn.ok_or(AuthError::Unavailable)?;
-            let answer = tokio::time::timeout(
-                CALL_TIMEOUT,
-                call::<_, (String, String, String)>(&conn, "Check", &(kind, hash.as_str())),
-            )
-            .await;
-            let (device, name, role) = match answer {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "registry check failed");
-                    return Err(AuthError::Unavailable);
-                }
-                Err(_) => {
-                    tracing::warn!("registry check timed out");
-                    return Err(AuthError::Unavailable);
-                }
-            };
+            let mut answer = ask(&conn, kind, &hash).await?;
+            if let (true, Some(i)) = (answer.0.is_empty(), issuer) {
+                answer = ask(&conn, "issuer", i).await?;
+            }
+            let (device, name, role) = answer;
             if device.is_empty() {
                 return Err(AuthError::Invalid);
             }
@@ -301,5 +387,30 @@ impl Authenticator for RegistryAuth {
             }
             Ok(who)
         })
+    }
+}
+
+/// One `Check` of the registry: (device, name, role), the device empty for
+/// nobody's; unavailable when the registry does not answer in time.
+async fn ask(
+    conn: &zbus::Connection,
+    kind: &str,
+    hash: &str,
+) -> Result<(String, String, String), AuthError> {
+    let answer = tokio::time::timeout(
+        CALL_TIMEOUT,
+        call::<_, (String, String, String)>(conn, "Check", &(kind, hash)),
+    )
+    .await;
+    match answer {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, kind, "registry check failed");
+            Err(AuthError::Unavailable)
+        }
+        Err(_) => {
+            tracing::warn!(kind, "registry check timed out");
+            Err(AuthError::Unavailable)
+        }
     }
 }

@@ -13,6 +13,13 @@
 //! SubjectPublicKeyInfo) belongs to a paired device. A client without a
 //! certificate (a browser, rclone with a token) is let through the
 //! handshake and must then show a token.
+//!
+//! A service of another box presents its chain, [its own fresh key, its
+//! box's identity]: when the identity is a CA and signed the key
+//! ([`certified_by`]), [`peer_issuer`] names the identity's key too, and
+//! the registry lets the client in as that key only if it is a paired
+//! box's. Calling such a service works the other way round
+//! ([`crate::dial::box_client_config`]).
 
 use std::sync::Arc;
 
@@ -56,10 +63,13 @@ pub fn spki_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
 /// second-preimage resistance at 80 bits, which nobody on a LAN does while
 /// a person reads the ID aloud.
 pub fn box_id(spki_der: &[u8]) -> String {
+    box_id_from_digest(ring::digest::digest(&ring::digest::SHA256, spki_der).as_ref())
+}
+
+fn box_id_from_digest(digest: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let digest = ring::digest::digest(&ring::digest::SHA256, spki_der);
     let mut bits: u128 = 0;
-    for b in digest.as_ref().iter().take(10) {
+    for b in digest.iter().take(10) {
         bits = (bits << 8) | u128::from(*b);
     }
     let mut out = String::with_capacity(19);
@@ -164,6 +174,119 @@ pub fn server_config(
 pub fn peer_key(conn: &rustls::ServerConnection) -> Option<String> {
     let cert = conn.peer_certificates()?.first()?;
     spki_of(cert).map(|spki| key_hash(&spki))
+}
+
+/// The SubjectPublicKeyInfo (DER) of `issuer` when `issuer` is a CA
+/// certificate and `leaf` carries its signature: how one box's service
+/// shows that its fresh key was certified by the box's identity. No dates
+/// are checked (a box's clock may be unset): what is trusted is a key, and
+/// the caller decides whose key it is.
+pub fn certified_by(leaf: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (signed, alg, signature) = signed_parts(leaf)?;
+    if !is_ca(issuer) {
+        return None;
+    }
+    let ca = webpki::EndEntityCert::try_from(issuer).ok()?;
+    // One identifier may name several algorithms (ECDSA with SHA-256 over
+    // P-256 or P-384): the one matching the issuer's key verifies.
+    let verified = provider()
+        .signature_verification_algorithms
+        .all
+        .iter()
+        .filter(|a| a.signature_alg_id().as_ref() == alg.as_slice())
+        .any(|a| ca.verify_signature(*a, &signed, &signature).is_ok());
+    verified.then(|| ca.subject_public_key_info().as_ref().to_vec())
+}
+
+/// A certificate's signed part (DER), the contents of its signature
+/// algorithm's identifier (as rustls names algorithms) and its signature.
+fn signed_parts(cert: &[u8]) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    yasna::parse_der(cert, |r| {
+        r.read_sequence(|r| {
+            let signed = r.next().read_der()?;
+            let alg = r.next().read_sequence(|r| {
+                let mut parts = r.next().read_der()?;
+                while let Some(more) = r.read_optional(|r| r.read_der())? {
+                    parts.extend(more);
+                }
+                Ok(parts)
+            })?;
+            let (signature, unused_bits) = r.next().read_bitvec_bytes()?;
+            Ok((signed, alg, signature, unused_bits))
+        })
+    })
+    .ok()
+    .filter(|(_, _, _, unused_bits)| *unused_bits % 8 == 0)
+    .map(|(signed, alg, signature, _)| (signed, alg, signature))
+}
+
+/// Whether a certificate's basic constraints say it is a CA's.
+fn is_ca(cert: &[u8]) -> bool {
+    let said = yasna::parse_der(cert, |r| {
+        r.read_sequence(|r| {
+            let ca = r.next().read_sequence(|tbs| {
+                // Version, serial, algorithm, names, dates, key and unique
+                // ids are skipped: the extensions are the `[3]`.
+                let mut ca = false;
+                while let Some(raw) = tbs.read_optional(|r| r.read_der())? {
+                    if raw.first() == Some(&0xa3) {
+                        ca = yasna::parse_der(&raw, extensions_say_ca)?;
+                    }
+                }
+                Ok(ca)
+            })?;
+            r.next().read_der()?;
+            r.next().read_der()?;
+            Ok(ca)
+        })
+    });
+    said.unwrap_or(false)
+}
+
+/// The `cA` flag of the basicConstraints (RFC 5280 section 4.2.1.9) among
+/// a certificate's extensions; false without one.
+fn extensions_say_ca(r: yasna::BERReader<'_, '_>) -> yasna::ASN1Result<bool> {
+    let basic = yasna::models::ObjectIdentifier::from_slice(&[2, 5, 29, 19]);
+    r.read_tagged(yasna::Tag::context(3), |r| {
+        let mut ca = false;
+        r.read_sequence_of(|r| {
+            r.read_sequence(|r| {
+                let id = r.next().read_oid()?;
+                let _critical = r.read_default(false, |r| r.read_bool())?;
+                let value = r.next().read_bytes()?;
+                if id == basic {
+                    ca = yasna::parse_der(&value, |r| {
+                        r.read_sequence(|r| {
+                            let ca = r.read_default(false, |r| r.read_bool())?;
+                            let _path_length = r.read_optional(|r| r.read_u64())?;
+                            Ok(ca)
+                        })
+                    })?;
+                }
+                Ok(())
+            })
+        })?;
+        Ok(ca)
+    })
+}
+
+/// The [`key_hash`] of the CA that certified the client's key on `conn`,
+/// when the client presented a chain `[its certificate, that CA's]` that
+/// [`certified_by`] accepts. The registry lets such a client in as the CA's
+/// key only when that key is a paired box's.
+pub fn peer_issuer(conn: &rustls::ServerConnection) -> Option<String> {
+    match conn.peer_certificates()? {
+        [leaf, issuer, ..] => certified_by(leaf, issuer).map(|spki| key_hash(&spki)),
+        _ => None,
+    }
+}
+
+/// The box ID of the identity key whose [`key_hash`] is `hash` (both come
+/// from the same SHA-256): how a box known to the registry only by its key
+/// is named, and its services' certificates checked ([`box_dns_name`]).
+pub fn box_id_of_key_hash(hash: &str) -> Option<String> {
+    let digest = hex::decode(hash).ok().filter(|d| d.len() == 32)?;
+    Some(box_id_from_digest(&digest))
 }
 
 /// The label of the keying material pairing codes come from.
@@ -305,6 +428,82 @@ mod tests {
         // The first 10 bytes of SHA-256("abc") in RFC 4648 base32, as
         // Python's base64.b32encode gives them.
         assert_eq!(box_id(b"abc"), "xj4b-np4p-ahh6-uqkb");
+    }
+
+    #[test]
+    fn a_box_id_follows_from_its_key_hash_alone() {
+        let a = IdentityKeys::generate().unwrap();
+        assert_eq!(box_id_of_key_hash(&a.key_hash).unwrap(), a.box_id);
+        assert_eq!(box_id_of_key_hash("abcd"), None, "too short");
+        assert_eq!(box_id_of_key_hash(&"zz".repeat(32)), None, "not hex");
+    }
+
+    /// A service certificate for `box_id`, signed by `issuer` (made the way
+    /// the sharing service issues them).
+    fn service_cert(
+        box_id: &str,
+        issuer: &rcgen::CertificateParams,
+        issuer_key: &rcgen::KeyPair,
+    ) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let p = rcgen::CertificateParams::new(vec![box_dns_name(box_id)]).unwrap();
+        let issuer = rcgen::Issuer::from_params(issuer, issuer_key);
+        p.signed_by(&key, &issuer).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_chain_names_its_issuer_only_when_the_issuer_is_a_ca_that_signed_the_leaf() {
+        let a = IdentityKeys::generate().unwrap();
+        let b = IdentityKeys::generate().unwrap();
+        let leaf = CertificateDer::from(service_cert(&a.box_id, &a.params, &a.key));
+        let ca_a = CertificateDer::from(a.cert_der.clone());
+        let ca_b = CertificateDer::from(b.cert_der.clone());
+        assert_eq!(certified_by(&leaf, &ca_a), Some(a.spki()));
+        assert_eq!(certified_by(&leaf, &ca_b), None, "signed by another key");
+        assert_eq!(certified_by(&ca_a, &ca_a), Some(a.spki()), "self-signed CA");
+
+        // The right key, but in a certificate that is not a CA's.
+        let mut not_ca = rcgen::CertificateParams::new(vec!["x.cloudlet".into()]).unwrap();
+        not_ca.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let not_ca = CertificateDer::from(not_ca.self_signed(&a.key).unwrap().der().to_vec());
+        assert_eq!(spki_of(&not_ca).unwrap(), a.spki());
+        assert_eq!(certified_by(&leaf, &not_ca), None, "issuer is no CA");
+
+        // A leaf whose dates are long past still counts: no clock is trusted.
+        let mut old = rcgen::CertificateParams::new(vec!["old.cloudlet".into()]).unwrap();
+        old.not_before = rcgen::date_time_ymd(1990, 1, 1);
+        old.not_after = rcgen::date_time_ymd(1991, 1, 1);
+        let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let old = old
+            .signed_by(&k, &rcgen::Issuer::from_params(&a.params, &a.key))
+            .unwrap();
+        let old = CertificateDer::from(old.der().to_vec());
+        assert_eq!(certified_by(&old, &ca_a), Some(a.spki()));
+
+        assert_eq!(
+            certified_by(&CertificateDer::from(vec![1, 2, 3]), &ca_a),
+            None
+        );
+        // Cut short anywhere, or flipped anywhere in the signed part,
+        // neither certificate passes (and nothing panics).
+        for n in 0..leaf.len() {
+            let cut = CertificateDer::from(leaf[..n].to_vec());
+            assert_eq!(certified_by(&cut, &ca_a), None);
+            let cut_ca = CertificateDer::from(a.cert_der[..n.min(a.cert_der.len() - 1)].to_vec());
+            assert_eq!(certified_by(&leaf, &cut_ca), None);
+        }
+        let (signed, _, _) = signed_parts(&leaf).unwrap();
+        assert_eq!(&leaf[4..4 + signed.len()], signed.as_slice());
+        for i in (0..signed.len()).step_by(7) {
+            let mut bent = leaf.to_vec();
+            // The signed part starts after the outer header (4 bytes here).
+            bent[4 + i] ^= 0x01;
+            assert_eq!(
+                certified_by(&CertificateDer::from(bent), &ca_a),
+                None,
+                "byte {i}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! | type | port | TXT |
 //! |---|---|---|
-//! | `_cloudlet._tcp` | the web UI's (pairing, devices) | `id`, `key` (SHA-256 of the identity key), `v` |
+//! | `_cloudlet._tcp` | the web UI's (pairing, devices) | `id`, `key` (SHA-256 of the identity key), `v`, `sync` (sync's port) |
 //! | `_https._tcp` | the web UI's | `id`, `path=/` |
 //! | `_webdavs._tcp` | storage's | `id`, `path=/files/` |
 //!
@@ -14,6 +14,10 @@
 //! (the tests use `lo`); `CLOUDLET_MDNS=off` turns announcing off. The
 //! records carry the box ID, which anyone on the LAN may know: it is in
 //! every TLS handshake anyway.
+//!
+//! Another box finds a paired box's services from the `_cloudlet._tcp`
+//! record (`cloudlet_runtime::dial::resolve`): its addresses, and the port
+//! of sync in TXT `sync`.
 
 use std::net::SocketAddr;
 
@@ -21,6 +25,16 @@ use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
 
 /// storage's port on the box (`CLOUDLET_STORAGE_PORT` says otherwise).
 const STORAGE_PORT: u16 = 8081;
+/// sync's port on the box (`CLOUDLET_SYNC_PORT` says otherwise).
+const SYNC_PORT: u16 = 5984;
+
+/// A port from the variable `var`, else `default`.
+fn port_from(var: &str, default: u16) -> u16 {
+    std::env::var(var)
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(default)
+}
 
 /// What to announce and where.
 pub struct Announcement<'a> {
@@ -81,16 +95,19 @@ fn announce(
     }
     let host = host_name();
     let fqdn = format!("{host}.local.");
-    let storage_port = std::env::var("CLOUDLET_STORAGE_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(STORAGE_PORT);
+    let storage_port = port_from("CLOUDLET_STORAGE_PORT", STORAGE_PORT);
+    let sync_port = port_from("CLOUDLET_SYNC_PORT", SYNC_PORT).to_string();
     let version = env!("CARGO_PKG_VERSION");
     let records: [Record<'_>; 3] = [
         (
             "_cloudlet._tcp.local.",
             a.web.port(),
-            vec![("id", a.box_id), ("key", a.key_hash), ("v", version)],
+            vec![
+                ("id", a.box_id),
+                ("key", a.key_hash),
+                ("v", version),
+                ("sync", &sync_port),
+            ],
         ),
         (
             "_https._tcp.local.",

@@ -3,10 +3,12 @@
 //! socket, one connection per service.
 //!
 //! Anyone who can connect may ask `Check` (a hash in, a yes or no out: the
-//! tokens themselves never cross). Changing the registry (`AddDevice`,
-//! `Revoke`) and listing it need the peer to be root or the sharing
-//! service's own user: root on the box, or the developer who started a host
-//! run. The kernel tells the peer's user (SO_PEERCRED), not the peer.
+//! tokens themselves never cross). The box's services may ask for TLS
+//! certificates (`IssueTlsCert`) and for the paired boxes (`Boxes`).
+//! Changing the registry (`AddDevice`, `Revoke`) and listing it need the
+//! peer to be root or the sharing service's own user: root on the box, or
+//! the developer who started a host run. The kernel tells the peer's user
+//! (SO_PEERCRED), not the peer.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -204,14 +206,20 @@ impl Iface {
 #[zbus::interface(name = "org.cloudlet.Registry1")]
 impl Iface {
     /// Whose credential this is: `kind` is "key" or "token", `hash` its
-    /// hash. An empty device id means nobody's.
+    /// hash. An empty device id means nobody's. Kind "issuer" is the key of
+    /// a CA that certified the client's key (another box's service,
+    /// certified by its identity): it names a device only when that key is
+    /// a paired box's, so a device cannot let in keys of its own making.
     async fn check(&self, kind: String, hash: String) -> fdo::Result<(String, String, String)> {
-        if kind != "key" && kind != "token" {
+        if !matches!(kind.as_str(), "key" | "token" | "issuer") {
             return Err(fdo::Error::InvalidArgs(format!("unknown kind {kind:?}")));
         }
         let found = self
             .blocking(move |r| {
-                let d = r.lookup(&kind, &hash)?;
+                let d = match kind.as_str() {
+                    "issuer" => r.lookup_box(&hash)?,
+                    _ => r.lookup(&kind, &hash)?,
+                };
                 if let Some(d) = &d {
                     r.seen(&d.id, crate::now())?;
                 }
@@ -294,6 +302,22 @@ impl Iface {
         tracing::info!("button press from the bus (cloudletd sharing press)");
         self.pairing.press().await;
         Ok(())
+    }
+
+    /// The paired boxes, as (device id, name, identity key hash): whom a
+    /// service of this box may call as a box ([`cloudlet_runtime::dial`]).
+    /// The box's services may ask.
+    async fn boxes(&self) -> fdo::Result<Vec<(String, String, String)>> {
+        if !self.service {
+            return Err(fdo::Error::AccessDenied(
+                "only the box's services may list the paired boxes".into(),
+            ));
+        }
+        let boxes = self.blocking(|r| r.boxes()).await?;
+        Ok(boxes
+            .into_iter()
+            .filter_map(|d| Some((d.id, d.name, d.key?)))
+            .collect())
     }
 
     /// Every device, as JSON (root only).

@@ -231,6 +231,20 @@ impl Registry {
         }
     }
 
+    /// The paired box whose identity key hashes to `hash`: what a CA key
+    /// that certified a client's key may be let in as. Any other device's
+    /// key is not, so a device cannot mint keys of its own that pass.
+    pub fn lookup_box(&self, hash: &str) -> Result<Option<Device>, RegistryError> {
+        Ok(self.lookup("key", hash)?.filter(|d| d.role == Role::Box))
+    }
+
+    /// The paired boxes (each with the hash of its identity key).
+    pub fn boxes(&self) -> Result<Vec<Device>, RegistryError> {
+        let mut all = self.list()?;
+        all.retain(|d| d.role == Role::Box && d.key.is_some());
+        Ok(all)
+    }
+
     /// Whether flash-time provisioning was imported already ([`Registry::mark_provisioned`]).
     pub fn provisioned(&self) -> Result<bool, RegistryError> {
         let tx = self.db.begin_read().map_err(db)?;
@@ -529,6 +543,31 @@ mod tests {
             r.remove("nope"),
             Err(RegistryError::NoSuchDevice(_))
         ));
+    }
+
+    #[test]
+    fn only_a_box_key_is_found_as_an_issuer_and_listed_as_a_box() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        let keyed = |name: &str, role: Role, key: &str| NewDevice {
+            key: Some(key.into()),
+            token: false,
+            ..device(name, role)
+        };
+        let (other_box, _) = r.add(keyed("garage", Role::Box, &"aa".repeat(32))).unwrap();
+        r.add(keyed("pc", Role::Device, &"bb".repeat(32))).unwrap();
+        r.add(keyed("phone", Role::Owner, &"cc".repeat(32)))
+            .unwrap();
+        r.add(device("browser", Role::Device)).unwrap();
+        assert_eq!(
+            r.lookup_box(&"aa".repeat(32)).unwrap().map(|d| d.id),
+            Some(other_box.id.clone())
+        );
+        assert_eq!(r.lookup_box(&"bb".repeat(32)).unwrap(), None, "a device");
+        assert_eq!(r.lookup_box(&"cc".repeat(32)).unwrap(), None, "an owner");
+        assert_eq!(r.lookup_box(&"dd".repeat(32)).unwrap(), None, "nobody");
+        let boxes: Vec<String> = r.boxes().unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(boxes, vec![other_box.id]);
     }
 
     #[test]

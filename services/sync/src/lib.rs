@@ -5,18 +5,26 @@
 //! * [`revtree`]: a document's revision tree, the winner and conflicts.
 //! * [`store`]: databases, documents, changes, `_local` docs and
 //!   attachments in one redb file under the service's state directory.
+//! * [`mango`]: Mango selectors, the order of JSON values, json indexes.
 //! * [`api`]: the HTTP handlers; this file wires them to routes and adds
 //!   what every answer needs (CORS for the box's own web UI, errors in
 //!   CouchDB's shape).
+//! * [`replicator`]: the box's own replicator (`_replicator`,
+//!   `/_replicate`, `/_scheduler/docs`), over [`peer`]s: a database here or
+//!   a URL.
 
 pub mod api;
+pub mod mango;
+pub mod mesh;
+pub mod peer;
+pub mod replicator;
 pub mod revtree;
 pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
 
-use cloudlet_runtime::auth::Authenticator;
+use cloudlet_runtime::auth::{same_site, AuthError, Authenticator};
 use cloudlet_runtime::router::{AnyBody, Params, RoutedBody, Router};
 use cloudlet_runtime::{health, ServiceOptions};
 use http_body_util::BodyExt;
@@ -28,12 +36,22 @@ use api::{reply, Api, ApiError, CouchShaped};
 
 pub const NAME: &str = "sync";
 
-/// Largest `_bulk_docs` body: a replicator's batch with inline attachments.
-pub const BULK_DOCS_LIMIT: u64 = 64 << 20;
-/// Largest single document (with its inline attachments).
-pub const DOC_LIMIT: u64 = 16 << 20;
+/// Largest `_bulk_docs` body: a replicator's batch with inline attachments
+/// (PouchDB pushes 100 documents with 1 MiB attachments as ~134 MiB). A
+/// large body is spooled to the state directory on /data and written a
+/// document at a time, so /data's free space is the bound, not memory;
+/// 1 GiB keeps one request from filling a small disk twice over (spool
+/// and store).
+pub const BULK_DOCS_LIMIT: u64 = 1 << 30;
+/// Largest single document with its inline attachments, alone or within a
+/// `_bulk_docs`. A document being parsed is held in memory whole (its
+/// base64 text and then its decoded contents, ~2.5x its size), so this
+/// bounds the service's memory on a 1 GiB box to ~160 MiB per write.
+pub const DOC_LIMIT: u64 = 64 << 20;
 /// `_revs_diff`, `_bulk_get`, `_all_docs` keys, `_changes` doc_ids.
 pub const LIST_LIMIT: u64 = 4 << 20;
+/// Connections one address may hold open (the runtime's default is 64).
+pub const SYNC_CONNECTIONS_PER_IP: usize = 256;
 /// The port of the box's own web UI: the one origin CORS allows.
 pub const WEB_UI_PORT: u16 = 8080;
 
@@ -56,9 +74,34 @@ where
 {
     let api = api.clone();
     move |req, p| {
+        if p.get("db") == Some(replicator::REPLICATOR_DB) && !is_owner(&req) {
+            return Box::pin(async { owners_only_answer() });
+        }
         let fut = f(api.clone(), req, p);
         Box::pin(async move { fut.await.unwrap_or_else(ApiError::into_response) })
     }
+}
+
+/// Whether the request comes from an owner device.
+pub fn is_owner<B>(req: &Request<B>) -> bool {
+    req.extensions()
+        .get::<cloudlet_runtime::auth::Identity>()
+        .is_some_and(cloudlet_runtime::auth::Identity::is_owner)
+}
+
+/// The 403 for a replication asked by anyone but an owner. Replications
+/// make the box connect out, with the credentials their documents hold, to
+/// any server and to every paired box as this box: only owners see and
+/// change them (`_replicator`, `POST /_replicate`). Their state, without
+/// credentials, is for every paired device (`/_scheduler/docs`).
+pub fn owners_only_answer() -> Response<AnyBody> {
+    reply(
+        StatusCode::FORBIDDEN,
+        &json!({
+            "error": "forbidden",
+            "reason": "Only the box's owner may see or change its replications.",
+        }),
+    )
 }
 
 fn param(p: &Params, name: &str) -> String {
@@ -106,13 +149,40 @@ pub fn routes(auth: Arc<dyn Authenticator>) -> Router {
 /// The service's routes: `/health` is public, the rest needs the credential.
 /// Literal paths come before `{docid}`, since the first match wins.
 pub fn routes_with(auth: Arc<dyn Authenticator>, api: Arc<Api>) -> Router {
+    routes_with_replicator(auth, api, None)
+}
+
+/// [`routes_with`] and, when given, the replicator's own routes
+/// (`/_replicate`, `/_scheduler/docs`, `/_active_tasks`).
+pub fn routes_with_replicator(
+    auth: Arc<dyn Authenticator>,
+    api: Arc<Api>,
+    rep: Option<Arc<replicator::Replicator>>,
+) -> Router {
     let doc_id = |p: &Params| param(p, "docid");
     let design_id = |p: &Params| format!("_design/{}", param(p, "ddoc"));
-    Router::new(auth)
+    let login_auth = auth.clone();
+    let router = Router::new(auth)
         // Public: init and monitoring check liveness without a credential.
-        .public(Method::GET, "/health", |_, _| async { health(NAME) })
+        .public(Method::GET, "/health", |_, _| async { health(NAME) });
+    // Before `/{db}` and `/{db}/{docid}`, which would match them too.
+    let router = match rep {
+        Some(rep) => replicator::routes(router, rep),
+        None => router,
+    };
+    router
         .route(Method::GET, "/", h(&api, |a, _, _| async move { a.welcome() }))
         .route(Method::GET, "/_all_dbs", h(&api, |a, _, _| async move { a.all_dbs().await }))
+        // Public: logging in is how a client gets its credential (the
+        // password is checked here, as Basic's would be), and logging out
+        // only ends the session its cookie names.
+        .public(Method::POST, "/_session", h(&api, move |a, r, _| {
+            let auth = login_auth.clone();
+            async move { a.login(r, auth).await }
+        }))
+        .public(Method::DELETE, "/_session", h(&api, |a, r, _| async move { a.logout(r.headers()) }))
+        .route(Method::GET, "/_cloudlet/cors", h(&api, |a, _, _| async move { a.get_cors() }))
+        .route(Method::PUT, "/_cloudlet/cors", h(&api, |a, r, _| async move { a.put_cors(r).await }))
         .route(
             Method::GET,
             "/_session",
@@ -153,6 +223,13 @@ pub fn routes_with(auth: Arc<dyn Authenticator>, api: Arc<Api>) -> Router {
                 Ok(reply(StatusCode::CREATED, &json!({"ok": true, "instance_start_time": "0"})))
             }),
         )
+        .route(Method::POST, "/{db}/_find", h(&api, |a, r, p| async move { a.find(param(&p, "db"), r).await }))
+        .route(Method::POST, "/{db}/_explain", h(&api, |a, r, p| async move { a.explain(param(&p, "db"), r).await }))
+        .route(Method::GET, "/{db}/_index", h(&api, |a, _, p| async move { a.get_indexes(param(&p, "db")).await }))
+        .route(Method::POST, "/{db}/_index", h(&api, |a, r, p| async move { a.create_index(param(&p, "db"), r).await }))
+        .route(Method::DELETE, "/{db}/_index/_design/{ddoc}/json/{name}", h(&api, |a, _, p| async move { a.delete_index(param(&p, "db"), param(&p, "ddoc"), param(&p, "name")).await }))
+        .route(Method::DELETE, "/{db}/_index/{ddoc}/json/{name}", h(&api, |a, _, p| async move { a.delete_index(param(&p, "db"), param(&p, "ddoc"), param(&p, "name")).await }))
+        .route(Method::POST, "/{db}/_compact", h(&api, |a, _, p| async move { a.compact(param(&p, "db")).await }))
         .route(Method::GET, "/{db}/_revs_limit", h(&api, |a, _, p| async move { a.revs_limit(param(&p, "db")).await }))
         .route(Method::PUT, "/{db}/_revs_limit", h(&api, |a, r, p| async move { a.set_revs_limit(param(&p, "db"), r).await }))
         .route(Method::GET, "/{db}/_local/{id}", h(&api, |a, _, p| async move { a.get_local(param(&p, "db"), param(&p, "id")).await }))
@@ -163,11 +240,17 @@ pub fn routes_with(auth: Arc<dyn Authenticator>, api: Arc<Api>) -> Router {
         .body_limit(DOC_LIMIT)
         .route(Method::DELETE, "/{db}/_design/{ddoc}", h(&api, move |a, r, p| async move { a.delete_doc(param(&p, "db"), design_id(&p), r).await }))
         .route(Method::GET, "/{db}/_design/{ddoc}/{*att}", h(&api, move |a, r, p| async move { a.get_attachment(param(&p, "db"), design_id(&p), att_name(&p), r).await }))
+        .route(Method::PUT, "/{db}/_design/{ddoc}/{*att}", h(&api, move |a, r, p| async move { a.put_attachment(param(&p, "db"), design_id(&p), att_name(&p), r).await }))
+        .body_limit(DOC_LIMIT)
+        .route(Method::DELETE, "/{db}/_design/{ddoc}/{*att}", h(&api, move |a, r, p| async move { a.delete_attachment(param(&p, "db"), design_id(&p), att_name(&p), r).await }))
         .route(Method::GET, "/{db}/{docid}", h(&api, move |a, r, p| async move { a.get_doc(param(&p, "db"), doc_id(&p), r).await }))
         .route(Method::PUT, "/{db}/{docid}", h(&api, move |a, r, p| async move { a.put_doc(param(&p, "db"), doc_id(&p), r).await }))
         .body_limit(DOC_LIMIT)
         .route(Method::DELETE, "/{db}/{docid}", h(&api, move |a, r, p| async move { a.delete_doc(param(&p, "db"), doc_id(&p), r).await }))
         .route(Method::GET, "/{db}/{docid}/{*att}", h(&api, move |a, r, p| async move { a.get_attachment(param(&p, "db"), doc_id(&p), att_name(&p), r).await }))
+        .route(Method::PUT, "/{db}/{docid}/{*att}", h(&api, move |a, r, p| async move { a.put_attachment(param(&p, "db"), doc_id(&p), att_name(&p), r).await }))
+        .body_limit(DOC_LIMIT)
+        .route(Method::DELETE, "/{db}/{docid}/{*att}", h(&api, move |a, r, p| async move { a.delete_attachment(param(&p, "db"), doc_id(&p), att_name(&p), r).await }))
 }
 
 /// The web UI's origins on the host the client reached us by: the one
@@ -186,15 +269,50 @@ fn allowed_origin(headers: &HeaderMap) -> Option<HeaderValue> {
     ok.then(|| HeaderValue::from_str(origin).ok()).flatten()
 }
 
+/// A `POST /_session` cookie, for the router: on a request without
+/// `Authorization`, a live session's token becomes its Basic credential.
+/// The cookie is ambient like the runtime's own, so the runtime's
+/// same-site rule ([`same_site`]) applies: a request another site's page
+/// caused gets 403 (the answer returned), whatever its cookie. Logging in
+/// and out are left alone.
+fn session_credential<B>(api: &Api, req: &mut Request<B>) -> Option<Response<AnyBody>> {
+    use base64::Engine;
+    let login = req.uri().path() == "/_session"
+        && (req.method() == Method::POST || req.method() == Method::DELETE);
+    if login || req.headers().contains_key(AUTHORIZATION) {
+        return None;
+    }
+    let value = api::cookie(req.headers(), api::SESSION_COOKIE)?;
+    if !same_site(req.method(), req.headers()) {
+        return Some(reply(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "forbidden", "reason": AuthError::CrossSite.to_string()}),
+        ));
+    }
+    if let Some((name, token)) = api.session(&value) {
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{token}", name.replace(':', "_")));
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic {basic}")) {
+            req.headers_mut().insert(AUTHORIZATION, v);
+        }
+    }
+    None
+}
+
 /// Everything the service answers: CORS preflights without a credential
 /// (they carry none), the router's answers with CORS headers added, and
 /// the router's own errors (401, 404, 405, 413) reshaped as CouchDB's.
-pub async fn handle<B>(router: &Router, req: Request<B>) -> Response<AnyBody>
+/// CORS allows the box's web UI and the origins the owner added.
+pub async fn handle<B>(router: &Router, api: &Api, req: Request<B>) -> Response<AnyBody>
 where
     B: hyper::body::Body<Data = hyper::body::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let origin = allowed_origin(req.headers());
+    let mut req = req;
+    let origin = allowed_origin(req.headers()).or_else(|| {
+        let o = req.headers().get(ORIGIN)?;
+        api.cors_allows(o.to_str().ok()?).then(|| o.clone())
+    });
     let preflight = req.method() == Method::OPTIONS
         && req.headers().contains_key("access-control-request-method");
     let mut r = if preflight {
@@ -212,12 +330,14 @@ where
             h.insert(
                 "access-control-allow-headers",
                 HeaderValue::from_static(
-                    "Accept, Authorization, Content-Type, Origin, Referer, X-Requested-With",
+                    "Accept, Authorization, Content-Type, If-Match, Last-Event-ID, Origin, Referer, X-Requested-With",
                 ),
             );
             h.insert("access-control-max-age", HeaderValue::from_static("600"));
         }
         r
+    } else if let Some(refused) = session_credential(api, &mut req) {
+        refused
     } else {
         let r = router.handle(req).await;
         if r.status().is_client_error() && r.extensions().get::<CouchShaped>().is_none() {
@@ -272,17 +392,38 @@ pub async fn run(opts: ServiceOptions) -> std::io::Result<()> {
     )
     .await;
     let transport = registry.transport(&opts).await?;
-    let auth: Arc<dyn Authenticator> = Arc::new(registry);
+    let registry = Arc::new(registry);
+    let auth: Arc<dyn Authenticator> = registry.clone();
     let dir = opts.state_dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
         .map_err(std::io::Error::other)?
         .map_err(std::io::Error::other)?;
-    let api = Arc::new(Api::new(store).map_err(std::io::Error::other)?);
-    let router = Arc::new(routes_with(auth, api));
-    cloudlet_runtime::run_service(opts, transport, move |req| {
+    let tls = matches!(transport, cloudlet_runtime::Transport::Tls(_));
+    let api = Arc::new(
+        Api::new(store)
+            .map_err(std::io::Error::other)?
+            .served_over_tls(tls),
+    );
+    // Replications configured in `_replicator` start now and follow it.
+    let replicator = replicator::Replicator::new(api.clone());
+    // Paired boxes are peers too (`box:BOXID/db`).
+    replicator.set_boxes(Arc::new(mesh::Mesh::new(
+        registry,
+        cloudlet_runtime::dial::Resolver::from_env(),
+    )));
+    let _watching = replicator.start();
+    let service_api = api.clone();
+    let router = Arc::new(routes_with_replicator(auth, api, Some(replicator)));
+    let mut limits = cloudlet_runtime::Limits::from_env()?;
+    // PouchDB's replicator asks for every attachment of a batch (100
+    // documents by default) at once, one request each, and Node opens a
+    // connection per request: one client needs more than 100 at a time.
+    limits.max_connections_per_ip = SYNC_CONNECTIONS_PER_IP;
+    cloudlet_runtime::run_service_with(opts, transport, limits, move |req| {
         let router = router.clone();
-        async move { handle(&router, req).await }
+        let api = service_api.clone();
+        async move { handle(&router, &api, req).await }
     })
     .await
 }

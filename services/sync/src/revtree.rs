@@ -250,8 +250,10 @@ impl RevTree {
     /// Keeps at most `limit` revisions on the path from each leaf back
     /// (every leaf is kept, whatever the limit); older ones go, and the
     /// oldest kept revision of each path becomes a root.
-    pub fn stem(&mut self, limit: usize) {
+    /// How many revisions went.
+    pub fn stem(&mut self, limit: usize) -> usize {
         let limit = limit.max(1);
+        let before = self.nodes.len();
         let mut keep: BTreeSet<String> = BTreeSet::new();
         for leaf in self.leaves() {
             for r in self.path(leaf).into_iter().take(limit) {
@@ -264,6 +266,7 @@ impl RevTree {
                 n.parent = None;
             }
         }
+        before - self.nodes.len()
     }
 
     /// `_revisions` for `rev`: its generation and the hashes of its path.

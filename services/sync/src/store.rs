@@ -36,8 +36,11 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const NEXT_DB: &str = "next_db";
 const UUID: &str = "uuid";
 
-/// The database's page cache: small beside a 1 GiB box.
-pub const CACHE_BYTES: usize = 16 << 20;
+/// The database's page cache (read cache and write buffer together). The
+/// kernel's page cache holds the file too, so redb's own only saves copies:
+/// 4 MiB keeps the service's memory small (16 MiB was most of it) at no
+/// cost the sync bench could see.
+pub const CACHE_BYTES: usize = 4 << 20;
 /// `_revs_limit` of a new database (CouchDB's default).
 pub const DEFAULT_REVS_LIMIT: u64 = 1000;
 
@@ -58,6 +61,9 @@ pub enum StoreError {
     /// a stored record does not decode (a bug or a damaged file)
     #[error("a stored record of {0} does not decode")]
     Corrupt(String),
+    /// the directory for spooled request bodies could not be made or emptied
+    #[error("spool directory {0}: {1}")]
+    Spool(std::path::PathBuf, std::io::Error),
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -112,8 +118,12 @@ pub struct DocWrite {
     pub doc: Map<String, Value>,
 }
 
-/// CouchDB's rule: `^[a-z][a-z0-9_$()+/-]*$`.
+/// CouchDB's rule: `^[a-z][a-z0-9_$()+/-]*$`, and the one system
+/// database the box has, `_replicator` (the replicator's configuration).
 pub fn is_valid_db_name(name: &str) -> bool {
+    if name == "_replicator" {
+        return true;
+    }
     let mut b = name.bytes();
     matches!(b.next(), Some(b'a'..=b'z'))
         && b.all(|c| {
@@ -161,6 +171,7 @@ fn digests(tree: &RevTree) -> HashMap<String, i64> {
 
 pub struct Store {
     db: Database,
+    spool: std::path::PathBuf,
 }
 
 impl Store {
@@ -170,7 +181,16 @@ impl Store {
             .set_cache_size(CACHE_BYTES)
             .create(dir.join("sync.redb"))
             .map_err(dberr)?;
-        Store::init(db)
+        // Bodies spooled by a run that ended mid-request are of no use.
+        let spool = dir.join("spool");
+        match std::fs::remove_dir_all(&spool) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Spool(spool, e))
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(&spool).map_err(|e| StoreError::Spool(spool.clone(), e))?;
+        Store::init(db, spool)
     }
 
     /// A store in memory (nothing durable): for tests of the routes.
@@ -178,12 +198,12 @@ impl Store {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(dberr)?;
-        Store::init(db)
+        Store::init(db, std::env::temp_dir())
     }
 
     /// Makes the tables and the box's uuid on first use.
-    fn init(db: Database) -> Result<Store, StoreError> {
-        let s = Store { db };
+    fn init(db: Database, spool: std::path::PathBuf) -> Result<Store, StoreError> {
+        let s = Store { db, spool };
         let tx = s.db.begin_write().map_err(dberr)?;
         {
             let mut meta = tx.open_table(META).map_err(dberr)?;
@@ -341,91 +361,36 @@ impl Store {
         writes: Vec<DocWrite>,
         new_edits: bool,
     ) -> Result<Vec<Result<String, DocError>>, StoreError> {
-        let tx = self.db.begin_write().map_err(dberr)?;
+        let mut batch = self.batch(name, new_edits)?;
         let mut out = Vec::with_capacity(writes.len());
-        let mut changed = false;
-        {
-            let mut dbs = tx.open_table(DBS).map_err(dberr)?;
-            let mut m = meta_of(&dbs, name)?;
-            let mut docs = tx.open_table(DOCS).map_err(dberr)?;
-            let mut changes = tx.open_table(CHANGES).map_err(dberr)?;
-            let mut atts = tx.open_table(ATTS).map_err(dberr)?;
-            let mut refs: HashMap<String, i64> = HashMap::new();
-            for w in writes {
-                let old: Option<DocRecord> = match docs.get((m.id, w.id.as_str())).map_err(dberr)? {
-                    Some(g) => Some(decode(g.value(), &w.id)?),
-                    None => None,
-                };
-                let mut rec = old.clone().unwrap_or_default();
-                let mut blobs = Vec::new();
-                let applied = if new_edits {
-                    edit(&mut rec.tree, &w, &mut blobs)
-                } else {
-                    merge(&mut rec.tree, &w, &mut blobs)
-                };
-                let rev = match applied {
-                    Ok(Some(rev)) => rev,
-                    Ok(None) => {
-                        // Already known: nothing to write.
-                        out.push(Ok(w
-                            .doc
-                            .get("_rev")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned()));
-                        continue;
-                    }
-                    Err(e) => {
-                        out.push(Err(e));
-                        continue;
-                    }
-                };
-                rec.tree
-                    .stem(usize::try_from(m.revs_limit).unwrap_or(usize::MAX));
-                for (d, data) in blobs {
-                    if atts.get(d.as_str()).map_err(dberr)?.is_none() {
-                        atts.insert(d.as_str(), data.as_slice()).map_err(dberr)?;
-                    }
-                }
-                let before = old.as_ref().map(|o| digests(&o.tree)).unwrap_or_default();
-                for (d, n) in digests(&rec.tree) {
-                    *refs.entry(d).or_insert(0) += n;
-                }
-                for (d, n) in before {
-                    *refs.entry(d).or_insert(0) -= n;
-                }
-                // Counts: a document is live or deleted by its winner.
-                match &old {
-                    Some(o) if o.tree.deleted() => m.doc_del_count -= 1,
-                    Some(_) => m.doc_count -= 1,
-                    None => {}
-                }
-                if rec.tree.deleted() {
-                    m.doc_del_count += 1;
-                } else {
-                    m.doc_count += 1;
-                }
-                if let Some(o) = &old {
-                    changes.remove((m.id, o.seq)).map_err(dberr)?;
-                }
-                m.update_seq += 1;
-                rec.seq = m.update_seq;
-                changes
-                    .insert((m.id, rec.seq), w.id.as_str())
-                    .map_err(dberr)?;
-                docs.insert((m.id, w.id.as_str()), encode(&rec).as_slice())
-                    .map_err(dberr)?;
-                changed = true;
-                out.push(Ok(rev));
-            }
-            drop(atts);
-            adjust_refs(&tx, &refs)?;
-            if changed {
-                dbs.insert(name, encode(&m).as_slice()).map_err(dberr)?;
-            }
+        for w in writes {
+            out.push(batch.write(w)?);
         }
-        tx.commit().map_err(dberr)?;
+        batch.commit()?;
         Ok(out)
+    }
+
+    /// Starts a write of documents one at a time in one transaction (what
+    /// [`Store::write_docs`] does with a list): a large `_bulk_docs` goes in
+    /// as it is parsed, so only one document is in memory at a time.
+    /// Nothing is written unless [`Batch::commit`] is called.
+    pub fn batch(&self, name: &str, new_edits: bool) -> Result<Batch, StoreError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        let m = meta_of(&tx.open_table(DBS).map_err(dberr)?, name)?;
+        Ok(Batch {
+            tx,
+            name: name.to_owned(),
+            m,
+            new_edits,
+            refs: HashMap::new(),
+            changed: false,
+        })
+    }
+
+    /// Where request bodies too large to hold in memory are spooled
+    /// (emptied when the store opens, so a crash leaves nothing behind).
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool
     }
 
     /// Writes (or with `delete`, removes) a `_local` document. `rev` is the
@@ -472,6 +437,229 @@ impl Store {
         }
         tx.commit().map_err(dberr)?;
         Ok(result)
+    }
+}
+
+/// What one batch of a compaction did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    /// Revisions stemmed away.
+    pub revs: u64,
+    /// Where the next batch starts (after this id); `None`: done.
+    pub next: Option<String>,
+}
+
+const CORS_ORIGINS: &str = "cors_origins";
+
+/// Compaction and the service's settings.
+impl Store {
+    /// One batch of a compaction of database `name`: the documents after
+    /// `after` (at most `batch` of them) are stemmed to the current
+    /// `_revs_limit`, in one write transaction. Every leaf stays; only
+    /// leaves have bodies, so no attachment loses a user here.
+    pub fn compact_batch(
+        &self,
+        name: &str,
+        after: Option<&str>,
+        batch: usize,
+    ) -> Result<Compacted, StoreError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        let mut out = Compacted::default();
+        {
+            let m = meta_of(&tx.open_table(DBS).map_err(dberr)?, name)?;
+            let limit = usize::try_from(m.revs_limit).unwrap_or(usize::MAX);
+            let mut docs = tx.open_table(DOCS).map_err(dberr)?;
+            let mut taken: Vec<(String, DocRecord)> = Vec::new();
+            for item in docs
+                .range((m.id, after.unwrap_or(""))..(m.id + 1, ""))
+                .map_err(dberr)?
+            {
+                let (k, v) = item.map_err(dberr)?;
+                let id = k.value().1;
+                if after == Some(id) {
+                    continue;
+                }
+                if taken.len() == batch {
+                    out.next = taken.last().map(|(i, _)| i.clone());
+                    break;
+                }
+                taken.push((id.to_owned(), decode(v.value(), id)?));
+            }
+            let mut refs: HashMap<String, i64> = HashMap::new();
+            for (id, mut rec) in taken {
+                let before = digests(&rec.tree);
+                let gone = rec.tree.stem(limit);
+                if gone == 0 {
+                    continue;
+                }
+                out.revs += gone as u64;
+                for (d, n) in digests(&rec.tree) {
+                    *refs.entry(d).or_insert(0) += n;
+                }
+                for (d, n) in before {
+                    *refs.entry(d).or_insert(0) -= n;
+                }
+                docs.insert((m.id, id.as_str()), encode(&rec).as_slice())
+                    .map_err(dberr)?;
+            }
+            drop(docs);
+            adjust_refs(&tx, &refs)?;
+        }
+        tx.commit().map_err(dberr)?;
+        Ok(out)
+    }
+
+    /// One batch of the attachment sweep: stored contents after `after`
+    /// (at most `batch`) that no revision uses any more are freed. The
+    /// counts free them as their last user goes; this catches any the
+    /// counts missed. The count freed and where to go on (`None`: done).
+    pub fn sweep_attachments(
+        &self,
+        after: Option<&str>,
+        batch: usize,
+    ) -> Result<(u64, Option<String>), StoreError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        let mut freed = 0;
+        let mut next = None;
+        {
+            let refs = tx.open_table(ATT_REFS).map_err(dberr)?;
+            let mut atts = tx.open_table(ATTS).map_err(dberr)?;
+            let mut seen: Vec<String> = Vec::new();
+            for item in atts.range(after.unwrap_or("")..).map_err(dberr)? {
+                let (k, _) = item.map_err(dberr)?;
+                let d = k.value();
+                if after == Some(d) {
+                    continue;
+                }
+                if seen.len() == batch {
+                    next = seen.last().cloned();
+                    break;
+                }
+                seen.push(d.to_owned());
+            }
+            for d in &seen {
+                if refs.get(d.as_str()).map_err(dberr)?.is_none() {
+                    atts.remove(d.as_str()).map_err(dberr)?;
+                    freed += 1;
+                }
+            }
+        }
+        tx.commit().map_err(dberr)?;
+        Ok((freed, next))
+    }
+
+    /// The origins the owner allowed to call from a browser (CORS), besides
+    /// the box's own web UI.
+    pub fn cors_origins(&self) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let meta = tx.open_table(META).map_err(dberr)?;
+        match meta.get(CORS_ORIGINS).map_err(dberr)? {
+            Some(g) => decode(g.value().as_bytes(), CORS_ORIGINS),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub fn set_cors_origins(&self, origins: &[String]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut meta = tx.open_table(META).map_err(dberr)?;
+            let v = serde_json::to_string(origins).unwrap_or_else(|_| "[]".into());
+            meta.insert(CORS_ORIGINS, v.as_str()).map_err(dberr)?;
+        }
+        tx.commit().map_err(dberr)?;
+        Ok(())
+    }
+}
+
+/// Documents being written in one transaction (see [`Store::batch`]).
+pub struct Batch {
+    tx: redb::WriteTransaction,
+    name: String,
+    m: DbMeta,
+    new_edits: bool,
+    /// Reference count changes of attachment contents, applied at commit.
+    refs: HashMap<String, i64>,
+    changed: bool,
+}
+
+impl Batch {
+    /// Writes one document (its inline attachments' contents go into the
+    /// store now, in this transaction); its new revision or why it was
+    /// refused.
+    pub fn write(&mut self, w: DocWrite) -> Result<Result<String, DocError>, StoreError> {
+        let DocWrite { id, doc } = w;
+        let m = &mut self.m;
+        let mut docs = self.tx.open_table(DOCS).map_err(dberr)?;
+        let old: Option<DocRecord> = match docs.get((m.id, id.as_str())).map_err(dberr)? {
+            Some(g) => Some(decode(g.value(), &id)?),
+            None => None,
+        };
+        let mut rec = old.clone().unwrap_or_default();
+        let mut blobs = Vec::new();
+        let applied = if self.new_edits {
+            edit(&mut rec.tree, &id, doc, &mut blobs)
+        } else {
+            merge(&mut rec.tree, &id, doc, &mut blobs)
+        };
+        let rev = match applied {
+            Ok(Written::New(rev)) => rev,
+            // Already known: nothing to write.
+            Ok(Written::Known(rev)) => return Ok(Ok(rev)),
+            Err(e) => return Ok(Err(e)),
+        };
+        rec.tree
+            .stem(usize::try_from(m.revs_limit).unwrap_or(usize::MAX));
+        {
+            let mut atts = self.tx.open_table(ATTS).map_err(dberr)?;
+            for (d, data) in blobs {
+                if atts.get(d.as_str()).map_err(dberr)?.is_none() {
+                    atts.insert(d.as_str(), data.as_slice()).map_err(dberr)?;
+                }
+            }
+        }
+        let before = old.as_ref().map(|o| digests(&o.tree)).unwrap_or_default();
+        for (d, n) in digests(&rec.tree) {
+            *self.refs.entry(d).or_insert(0) += n;
+        }
+        for (d, n) in before {
+            *self.refs.entry(d).or_insert(0) -= n;
+        }
+        // Counts: a document is live or deleted by its winner.
+        match &old {
+            Some(o) if o.tree.deleted() => m.doc_del_count -= 1,
+            Some(_) => m.doc_count -= 1,
+            None => {}
+        }
+        if rec.tree.deleted() {
+            m.doc_del_count += 1;
+        } else {
+            m.doc_count += 1;
+        }
+        let mut changes = self.tx.open_table(CHANGES).map_err(dberr)?;
+        if let Some(o) = &old {
+            changes.remove((m.id, o.seq)).map_err(dberr)?;
+        }
+        m.update_seq += 1;
+        rec.seq = m.update_seq;
+        changes
+            .insert((m.id, rec.seq), id.as_str())
+            .map_err(dberr)?;
+        docs.insert((m.id, id.as_str()), encode(&rec).as_slice())
+            .map_err(dberr)?;
+        self.changed = true;
+        Ok(Ok(rev))
+    }
+
+    /// Commits every document written (durable when this returns).
+    pub fn commit(self) -> Result<(), StoreError> {
+        adjust_refs(&self.tx, &self.refs)?;
+        if self.changed {
+            let mut dbs = self.tx.open_table(DBS).map_err(dberr)?;
+            dbs.insert(self.name.as_str(), encode(&self.m).as_slice())
+                .map_err(dberr)?;
+        }
+        self.tx.commit().map_err(dberr)?;
+        Ok(())
     }
 }
 
@@ -648,7 +836,8 @@ const IGNORED_SPECIAL: &[&str] = &[
 ];
 
 /// Splits what the client sent into the stored body; checks special fields.
-fn body_of(doc: &Map<String, Value>) -> Result<Map<String, Value>, DocError> {
+/// Takes the document, so its (perhaps large) values are moved, not copied.
+fn body_of(doc: Map<String, Value>) -> Result<Map<String, Value>, DocError> {
     let mut body = Map::new();
     for (k, v) in doc {
         if k.starts_with('_') {
@@ -656,10 +845,10 @@ fn body_of(doc: &Map<String, Value>) -> Result<Map<String, Value>, DocError> {
                 "_id" | "_rev" | "_deleted" | "_revisions" => continue,
                 "_attachments" => {}
                 k if IGNORED_SPECIAL.contains(&k) => continue,
-                _ => return Err(DocError::Validation(k.clone())),
+                _ => return Err(DocError::Validation(k)),
             }
         }
-        body.insert(k.clone(), v.clone());
+        body.insert(k, v);
     }
     Ok(body)
 }
@@ -737,14 +926,23 @@ fn attachments_of(body: &Option<Map<String, Value>>) -> Option<&Map<String, Valu
     body.as_ref()?.get("_attachments")?.as_object()
 }
 
+/// What a write did to a document's tree.
+enum Written {
+    /// a new revision
+    New(String),
+    /// the revision was already there (a replicated one)
+    Known(String),
+}
+
 /// A new edit (`new_edits=true`): the new revision id.
 fn edit(
     tree: &mut RevTree,
-    w: &DocWrite,
+    id: &str,
+    doc: Map<String, Value>,
     blobs: &mut Vec<(String, Vec<u8>)>,
-) -> Result<Option<String>, DocError> {
-    let deleted = is_deleted(&w.doc);
-    let parent: Option<String> = match w.doc.get("_rev") {
+) -> Result<Written, DocError> {
+    let deleted = is_deleted(&doc);
+    let parent: Option<String> = match doc.get("_rev") {
         Some(Value::String(r)) => {
             if Rev::parse(r).is_none() {
                 return Err(DocError::BadRequest("Invalid rev format".into()));
@@ -762,7 +960,7 @@ fn edit(
             Some(_) => return Err(DocError::Conflict),
         },
     };
-    let mut body = body_of(&w.doc)?;
+    let mut body = body_of(doc)?;
     let known: Vec<&Map<String, Value>> = parent
         .as_deref()
         .and_then(|p| tree.node(p))
@@ -770,20 +968,21 @@ fn edit(
         .into_iter()
         .collect();
     let revpos = parent.as_deref().map_or(0, generation) + 1;
-    settle_attachments(&w.id, &mut body, &known, revpos, blobs)?;
+    settle_attachments(id, &mut body, &known, revpos, blobs)?;
     let rev = new_rev(parent.as_deref(), deleted, &body);
     tree.add_child(parent.as_deref(), rev.clone(), deleted, body);
-    Ok(Some(rev))
+    Ok(Written::New(rev))
 }
 
-/// A replicated revision (`new_edits=false`): merged as sent; `None` when
-/// it was already here.
+/// A replicated revision (`new_edits=false`): merged as sent, or known
+/// when it was already here.
 fn merge(
     tree: &mut RevTree,
-    w: &DocWrite,
+    id: &str,
+    doc: Map<String, Value>,
     blobs: &mut Vec<(String, Vec<u8>)>,
-) -> Result<Option<String>, DocError> {
-    let rev = match w.doc.get("_rev") {
+) -> Result<Written, DocError> {
+    let rev = match doc.get("_rev") {
         Some(Value::String(r)) => r.clone(),
         _ => {
             return Err(DocError::BadRequest(
@@ -794,7 +993,7 @@ fn merge(
     let Some(parsed) = Rev::parse(&rev) else {
         return Err(DocError::BadRequest("Invalid rev format".into()));
     };
-    let path: Vec<String> = match w.doc.get("_revisions") {
+    let path: Vec<String> = match doc.get("_revisions") {
         None => vec![rev.clone()],
         Some(r) => {
             let start = r.get("start").and_then(Value::as_u64);
@@ -822,18 +1021,19 @@ fn merge(
         }
     };
     if tree.contains(&rev) {
-        return Ok(None);
+        return Ok(Written::Known(rev));
     }
-    let mut body = body_of(&w.doc)?;
+    let deleted = is_deleted(&doc);
+    let mut body = body_of(doc)?;
     // Stubs refer to an attachment some stored revision has.
     let known: Vec<&Map<String, Value>> = tree
         .nodes
         .values()
         .filter_map(|n| attachments_of(&n.body))
         .collect();
-    settle_attachments(&w.id, &mut body, &known, parsed.generation, blobs)?;
-    tree.merge_path(&path, is_deleted(&w.doc), body);
-    Ok(Some(rev))
+    settle_attachments(id, &mut body, &known, parsed.generation, blobs)?;
+    tree.merge_path(&path, deleted, body);
+    Ok(Written::New(rev))
 }
 
 #[cfg(test)]
@@ -995,6 +1195,88 @@ mod tests {
         assert_eq!(a.tree.conflicts(), vec!["2-b"]);
         assert_eq!(a.tree.node("2-c").unwrap().body.as_ref().unwrap()["v"], "c");
         assert_eq!(rd.meta.update_seq, 2, "the known revision made no change");
+    }
+
+    #[test]
+    fn compaction_stems_in_batches_keeps_leaves_and_sweeps_unused_contents() {
+        let (_d, s) = open();
+        let mut revs = Vec::new();
+        for id in ["a", "b", "c"] {
+            let mut rev = s
+                .write_docs("db", vec![write(id, json!({"v": 0}))], true)
+                .unwrap()[0]
+                .clone()
+                .unwrap();
+            for i in 1..6 {
+                rev = s
+                    .write_docs("db", vec![write(id, json!({"_rev": rev, "v": i}))], true)
+                    .unwrap()[0]
+                    .clone()
+                    .unwrap();
+            }
+            revs.push(rev);
+        }
+        s.set_revs_limit("db", 2).unwrap();
+        // Two documents per batch: two batches, the second says done.
+        let first = s.compact_batch("db", None, 2).unwrap();
+        assert_eq!(
+            first,
+            Compacted {
+                revs: 8,
+                next: Some("b".into())
+            }
+        );
+        let second = s.compact_batch("db", first.next.as_deref(), 2).unwrap();
+        assert_eq!(
+            second,
+            Compacted {
+                revs: 4,
+                next: None
+            }
+        );
+        let rd = s.reader("db").unwrap();
+        for (id, rev) in ["a", "b", "c"].iter().zip(&revs) {
+            let t = rd.doc(id).unwrap().unwrap().tree;
+            assert_eq!(t.winner(), Some(rev.as_str()));
+            assert_eq!(t.path(rev).len(), 2, "{id}");
+        }
+        drop(rd);
+        assert_eq!(
+            s.compact_batch("db", None, 10).unwrap().revs,
+            0,
+            "nothing left to stem"
+        );
+        // Content nobody counts any more goes with the sweep; counted stays.
+        let data = base64::engine::general_purpose::STANDARD.encode(b"kept");
+        s.write_docs(
+            "db",
+            vec![write("k", json!({"_attachments": {"k": {"data": data}}}))],
+            true,
+        )
+        .unwrap();
+        let tx = s.db.begin_write().unwrap();
+        tx.open_table(ATTS)
+            .unwrap()
+            .insert("md5-orphan", b"x".as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(s.sweep_attachments(None, 10).unwrap(), (1, None));
+        let rd = s.reader("db").unwrap();
+        assert!(rd.attachment("md5-orphan").unwrap().is_none());
+        assert_eq!(rd.attachment(&digest(b"kept")).unwrap().unwrap(), b"kept");
+    }
+
+    #[test]
+    fn cors_origins_are_kept() {
+        let (d, s) = open();
+        assert!(s.cors_origins().unwrap().is_empty());
+        s.set_cors_origins(&["https://a.example".into()]).unwrap();
+        drop(s);
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(
+            s.cors_origins().unwrap(),
+            vec!["https://a.example".to_owned()]
+        );
     }
 
     #[test]

@@ -188,6 +188,9 @@ pub fn registry(data: &Path) -> Arc<Registry> {
         .env("CLOUDLET_DATA", data)
         .env("CLOUDLET_REGISTRY_SOCKET", &socket)
         .stderr(Stdio::piped())
+        // Services log to stderr; a process a test fails to stop must not
+        // hold the test run's output open (scripts/test pipes it to tee).
+        .stdout(Stdio::null())
         .spawn()
         .expect("starting cloudletd sharing");
     let (addr, _) = follow(&mut child);
@@ -244,6 +247,20 @@ pub fn spawn_with(
     open_files: Option<u64>,
     tls: bool,
 ) -> Spawned {
+    spawn_on(service, data, env, open_files, tls, "127.0.0.1:0")
+}
+
+#[allow(dead_code)]
+/// [`spawn_with`] listening on `listen` (a port a test picked, so that
+/// another service can be told it before this one starts).
+pub fn spawn_on(
+    service: &str,
+    data: &Path,
+    env: &[(&str, &str)],
+    open_files: Option<u64>,
+    tls: bool,
+    listen: &str,
+) -> Spawned {
     let mut cmd = match open_files {
         // A shell lowers the limit, then becomes the service (same pid).
         Some(n) => {
@@ -257,12 +274,15 @@ pub fn spawn_with(
     };
     let registry = registry(data);
     let mut child = cmd
-        .args([service, "--listen", "127.0.0.1:0"])
+        .args([service, "--listen", listen])
         .args((!tls).then_some("--plain"))
         .env("CLOUDLET_DATA", data)
         .env("CLOUDLET_REGISTRY_SOCKET", &registry.socket)
         .envs(env.iter().copied())
         .stderr(Stdio::piped())
+        // Services log to stderr; a process a test fails to stop must not
+        // hold the test run's output open (scripts/test pipes it to tee).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("starting cloudletd {service}: {e}"));
     let (addr, log) = follow(&mut child);
