@@ -71,7 +71,9 @@ async function roundTrip() {
     }
     if (i % 50 === 0) {
       doc._attachments = doc._attachments || {};
-      doc._attachments['blob.bin'] = { content_type: 'application/octet-stream', data: bytes(1 << 20, i + 1).toString('base64') };
+      // One of 5 MiB (the issue's binary attachment), the others 1 MiB.
+      const size = i === 50 ? 5 << 20 : 1 << 20;
+      doc._attachments['blob.bin'] = { content_type: 'application/octet-stream', data: bytes(size, i + 1).toString('base64') };
     }
     docs.push(doc);
   }
@@ -105,7 +107,7 @@ async function roundTrip() {
   assert.equal(fromA.length, 199);
   assert.deepEqual(fromB, fromA, 'the pulled copy equals the original');
   const withBlob = fromB.find((d) => d._id === 'doc-050');
-  assert.equal(Buffer.from(withBlob._attachments['blob.bin'].data, 'base64').equals(bytes(1 << 20, 51)), true);
+  assert.equal(Buffer.from(withBlob._attachments['blob.bin'].data, 'base64').equals(bytes(5 << 20, 51)), true);
   // The deletion arrived too, with the same revision.
   const gone = await b.get('doc-002', { revs: true, open_revs: 'all' });
   const goneA = await a.get('doc-002', { revs: true, open_revs: 'all' });
@@ -196,7 +198,7 @@ async function bench(n) {
 
 (async () => {
   const { pushMs, pullMs } = await roundTrip();
-  console.log(`figure: round trip of 200 docs (4 x 1 MiB, 10 text attachments): push ${pushMs} ms, pull ${pullMs} ms`);
+  console.log(`figure: round trip of 200 docs (1 x 5 MiB, 3 x 1 MiB, 10 text attachments): push ${pushMs} ms, pull ${pullMs} ms`);
   await live();
   await conflicts();
   const n = Number(process.env.SYNC_BENCH_DOCS || 0);
