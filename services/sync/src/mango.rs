@@ -103,7 +103,7 @@ impl Selector {
     /// `$exists: false`, and fields every branch of an `$or` requires.
     pub fn required_fields(&self) -> Vec<String> {
         let mut out = Vec::new();
-        required(self, "", &mut out);
+        required(self, None, &mut out);
         out.sort();
         out.dedup();
         out
@@ -444,7 +444,9 @@ pub fn compare(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-fn required(sel: &Selector, prefix: &str, out: &mut Vec<String>) {
+/// `prefix`: the path of the value at hand (`None` at the document; a
+/// field may be named `""`, so an empty prefix is not the top).
+fn required(sel: &Selector, prefix: Option<&str>, out: &mut Vec<String>) {
     match sel {
         Selector::And(xs) => xs.iter().for_each(|x| required(x, prefix, out)),
         Selector::Or(xs) if !xs.is_empty() => {
@@ -471,19 +473,18 @@ fn required(sel: &Selector, prefix: &str, out: &mut Vec<String>) {
             // with either, or a nested field's do not require it).
             if !eval(inner, None, false) {
                 out.push(name.clone());
-                required(inner, &name, out);
+                required(inner, Some(&name), out);
             }
         }
         _ => {}
     }
 }
 
-fn join_path(prefix: &str, path: &[String]) -> String {
+fn join_path(prefix: Option<&str>, path: &[String]) -> String {
     let own: Vec<String> = path.iter().map(|p| p.replace('.', "\\.")).collect();
-    if prefix.is_empty() {
-        own.join(".")
-    } else {
-        format!("{prefix}.{}", own.join("."))
+    match prefix {
+        None => own.join("."),
+        Some(prefix) => format!("{prefix}.{}", own.join(".")),
     }
 }
 
@@ -863,6 +864,8 @@ mod tests {
             assert!(s.matches(&json!({"_id": "bare"})), "{sel}");
         }
         assert_eq!(req(json!({"a": {"b": 1}})), vec!["a", "a.b"]);
+        // A field named "" is a field like any other.
+        assert_eq!(req(json!({"": {"size": {"$gt": 0}}})), vec!["", ".size"]);
         assert_eq!(
             req(json!({"n": {"$gt": 1}, "m": {"$exists": false}})),
             vec!["n"]
