@@ -473,16 +473,8 @@ impl Peer {
         limit: usize,
         wait: Option<Duration>,
     ) -> Result<Value, PeerError> {
-        let since = match since {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        let mut query = format!("style=all_docs&limit={limit}&since={}", encode(&since));
-        if let Some(w) = wait {
-            query.push_str(&format!("&feed=longpoll&timeout={}", w.as_millis()));
-        }
         let v = self
-            .ok(Method::GET, "_changes", &query, None, Cap::SMALL)
+            .changes_as("style=all_docs", since, limit, wait, Cap::SMALL)
             .await?;
         if !v.get("results").is_some_and(Value::is_array) {
             return Err(PeerError::BadAnswer("_changes without results".into()));
@@ -497,16 +489,29 @@ impl Peer {
         limit: usize,
         wait: Option<Duration>,
     ) -> Result<Value, PeerError> {
+        self.changes_as("include_docs=true", since, limit, wait, Cap::DOCS)
+            .await
+    }
+
+    /// `_changes?{how}` after `since`, at most `limit`, long-polling for
+    /// `wait` when given; the answer within `cap`.
+    async fn changes_as(
+        &self,
+        how: &str,
+        since: &Value,
+        limit: usize,
+        wait: Option<Duration>,
+        cap: Cap,
+    ) -> Result<Value, PeerError> {
         let since = match since {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        let mut query = format!("include_docs=true&limit={limit}&since={}", encode(&since));
+        let mut query = format!("{how}&limit={limit}&since={}", encode(&since));
         if let Some(w) = wait {
             query.push_str(&format!("&feed=longpoll&timeout={}", w.as_millis()));
         }
-        self.ok(Method::GET, "_changes", &query, None, Cap::DOCS)
-            .await
+        self.ok(Method::GET, "_changes", &query, None, cap).await
     }
 
     /// `_revs_diff`: which of these revisions the database lacks.

@@ -932,6 +932,15 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// `/_scheduler/docs`: every job, in CouchDB's list shape.
+fn scheduler_list(rep: &Replicator) -> Response<AnyBody> {
+    let docs = rep.scheduler_docs();
+    reply(
+        StatusCode::OK,
+        &json!({"total_rows": docs.len(), "offset": 0, "docs": docs}),
+    )
+}
+
 /// The replicator's routes, added to the service's (before `/{db}`,
 /// whose patterns would match these paths too).
 pub fn routes(router: Router, rep: Arc<Replicator>) -> Router {
@@ -971,30 +980,21 @@ pub fn routes(router: Router, rep: Arc<Replicator>) -> Router {
             },
         )
         .body_limit(REPLICATE_LIMIT)
+        // Every job is a `_replicator` one here: both list them all.
         .route(
             Method::GET,
             "/_scheduler/docs",
             move |_: Request<RoutedBody>, _: Params| {
-                let docs = r2.scheduler_docs();
-                async move {
-                    reply(
-                        StatusCode::OK,
-                        &json!({"total_rows": docs.len(), "offset": 0, "docs": docs}),
-                    )
-                }
+                let answer = scheduler_list(&r2);
+                async move { answer }
             },
         )
         .route(
             Method::GET,
             "/_scheduler/docs/_replicator",
             move |_: Request<RoutedBody>, _: Params| {
-                let docs = r3.scheduler_docs();
-                async move {
-                    reply(
-                        StatusCode::OK,
-                        &json!({"total_rows": docs.len(), "offset": 0, "docs": docs}),
-                    )
-                }
+                let answer = scheduler_list(&r3);
+                async move { answer }
             },
         )
         .route(
