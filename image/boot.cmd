@@ -73,6 +73,32 @@ env export -c -s 0x1000 ${loadaddr} BOOT_SEQ BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT
 fatwrite ${bs_dev} ${loadaddr} bootstate${bs_write}.env 0x1000
 echo "cloudlet: booting slot ${bs_slot} (A left ${BOOT_A_LEFT}, B left ${BOOT_B_LEFT}, seq ${BOOT_SEQ})"
 
+# QEMU only: arm the i6300esb watchdog, if the machine has one, before the
+# kernel runs, so that a kernel that hangs before init takes the watchdog over
+# is reset and this try counts (U-Boot counts boots, not hangs). This
+# U-Boot has no watchdog command: the device is found in PCI config space
+# (ECAM of QEMU's virt machine; its memory BAR's low bits are 0) and
+# programmed by hand. Each of its two
+# stages is 0x7736 ticks of about 0.98 ms, about 60 s in all; Linux's driver
+# stops it when it loads, and init starts it again with its own timeout.
+if test "${board}" = qemu-arm; then
+  pci enum
+  for d in 1 2 3 4 5 6 7 8; do
+    setexpr wd_cfg ${d} * 8000
+    setexpr wd_cfg ${wd_cfg} + 4010000000
+    setexpr.l wd_id *${wd_cfg}
+    if test "${wd_id}" = 25ab8086; then
+      setexpr wd_barp ${wd_cfg} + 10
+      setexpr.l wd_bar *${wd_barp}
+      setexpr wd_reload ${wd_bar} + c
+      setexpr wd_t2 ${wd_bar} + 4
+      mw.w ${wd_reload} 80; mw.w ${wd_reload} 86; mw.l ${wd_bar} 7736
+      mw.w ${wd_reload} 80; mw.w ${wd_reload} 86; mw.l ${wd_t2} 7736
+      pci write.b 00.0${d}.00 68 2
+      echo "cloudlet: watchdog armed (i6300esb at 00.0${d}.00)"
+    fi
+  done
+fi
 setenv bootargs "console=${cloudlet_console} quiet panic=5 cloudlet.slot=${bs_slot}"
 load ${bs_dev} ${kernel_addr_r} Image-${bs_slot}
 load ${bs_dev} ${ramdisk_addr_r} initrd-${bs_slot}

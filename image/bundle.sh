@@ -9,6 +9,10 @@
 #       development key in KEYDIR, made once. With ROOTFS, installs the public
 #       key into ROOTFS/etc/cloudlet/update-keys/ (the box trusts it from then
 #       on). Prints the secret key's path.
+#   bundle.sh release ROOTFS BOARD
+#       Writes ROOTFS/etc/cloudlet/release: the version bundles of this
+#       build carry and the board, which the updater on the box compares
+#       bundles against. $CLOUDLET_RELEASE_VERSION overrides the version.
 #   bundle.sh make KEY BOARD KERNEL INITRD ROOTFS_IMAGE OUTDIR
 #       Writes OUTDIR/cloudlet-BOARD-VERSION.cub, checks it against the
 #       public key and prints its path.
@@ -17,6 +21,7 @@ TOOL="${CLOUDLET_BUNDLE_TOOL:-cloudlet-bundle}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 version() {
+  if [ -n "${CLOUDLET_RELEASE_VERSION:-}" ]; then echo "$CLOUDLET_RELEASE_VERSION"; return; fi
   local v sha
   v="$(sed -n 's/^version = "\(.*\)"/\1/p' "$HERE/../Cargo.toml" | head -1)"
   sha="$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || true)"
@@ -42,6 +47,11 @@ case "${1:-}" in
     fi
     echo "$key"
     ;;
+  release)
+    rootfs="$2"; board="$3"
+    mkdir -p "$rootfs/etc/cloudlet"
+    printf 'VERSION=%s\nBOARD=%s\n' "$(version)" "$board" > "$rootfs/etc/cloudlet/release"
+    ;;
   make)
     key="$2"; board="$3"; kernel="$4"; initrd="$5"; rootfs="$6"; outdir="$7"
     out="$outdir/cloudlet-$board-$(version).cub"
@@ -50,5 +60,5 @@ case "${1:-}" in
     "$TOOL" verify --trusted "$key.pub" "$out" >&2
     echo "$out"
     ;;
-  *) echo "usage: bundle.sh key KEYDIR [ROOTFS] | make KEY BOARD KERNEL INITRD ROOTFS_IMAGE OUTDIR" >&2; exit 2 ;;
+  *) echo "usage: bundle.sh key KEYDIR [ROOTFS] | release ROOTFS BOARD | make KEY BOARD KERNEL INITRD ROOTFS_IMAGE OUTDIR" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ mod flash;
 mod pairbox;
 mod remote;
 mod sync;
+mod update;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -141,6 +142,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<SyncCmd>,
     },
+    /// A box's system updates: its state, installing a bundle (a file sent
+    /// from here, or a URL the box fetches), the update channel, rollback.
+    Update {
+        /// Which paired box (its ID).
+        #[arg(long = "box", global = true)]
+        box_id: Option<String>,
+        /// Where the box is, HOST[:PORT] (as for `devices`).
+        #[arg(long, global = true)]
+        host: Option<String>,
+        /// The updater's port on the box.
+        #[arg(long, global = true, default_value_t = update::PORT)]
+        port: u16,
+        #[command(subcommand)]
+        cmd: UpdateCmd,
+    },
     /// Stop every service in order and reboot.
     Reboot,
     /// Stop every service in order and power off.
@@ -201,6 +217,78 @@ enum CorsCmd {
     Add { origin: String },
     /// Allow an origin no more.
     Remove { origin: String },
+}
+
+#[derive(Subcommand, Debug, PartialEq)]
+enum UpdateCmd {
+    /// The running release, the A/B slots, what the updater is doing, how
+    /// the last install ended, and the channel.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install a bundle (owners only): a FILE here is sent to the box; an
+    /// http:// or https:// URL is fetched by the box. The box then reboots
+    /// into the slot it wrote.
+    Apply {
+        /// A bundle file, or the URL of one.
+        bundle: String,
+        /// Install it even if it is not newer than what the box runs.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Do not reboot once it is written: it boots at the next reboot.
+        #[arg(long)]
+        no_reboot: bool,
+    },
+    /// Ask the update channel now whether a newer release is there.
+    Check {
+        /// Install it when there is one (the box then reboots into it).
+        #[arg(long)]
+        install: bool,
+    },
+    /// Boot the other slot again (the release before the last install),
+    /// rebooting into it.
+    Rollback,
+    /// Show the update channel, or set it: where the box looks for new
+    /// releases, how often, and whether it installs them by itself.
+    Channel {
+        /// The channel's signed index, https://HOST/PATH.
+        #[arg(conflicts_with = "none")]
+        url: Option<String>,
+        /// Remove the channel: the box updates only when a bundle is pushed.
+        #[arg(long, conflicts_with_all = ["interval", "no_auto_install"])]
+        none: bool,
+        /// Seconds between checks (default 21600, six hours).
+        #[arg(long, value_name = "SECS")]
+        interval: Option<u64>,
+        /// Only tell of new releases; install them when asked
+        /// (`cloudlet update check --install`).
+        #[arg(long)]
+        no_auto_install: bool,
+    },
+}
+
+impl UpdateCmd {
+    /// What `update channel` is asked to do.
+    fn channel_change(
+        url: Option<String>,
+        none: bool,
+        interval: Option<u64>,
+        no_auto_install: bool,
+    ) -> update::ChannelChange {
+        if none {
+            update::ChannelChange::Remove
+        } else if url.is_none() && interval.is_none() && !no_auto_install {
+            update::ChannelChange::Show
+        } else {
+            update::ChannelChange::Set {
+                url,
+                interval_s: interval,
+                no_auto_install,
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -541,6 +629,48 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         })?,
+        Cmd::Update {
+            box_id,
+            host,
+            port,
+            cmd,
+        } => remote(async move {
+            let at = update::At {
+                box_id: box_id.as_deref(),
+                host: host.as_deref(),
+                port,
+            };
+            match cmd {
+                UpdateCmd::Status { json } => update::status(&at, json).await?,
+                UpdateCmd::Apply {
+                    bundle,
+                    allow_downgrade,
+                    no_reboot,
+                } => {
+                    let how = update::Install {
+                        allow_downgrade,
+                        reboot: !no_reboot,
+                    };
+                    let done = match update::Source::parse(&bundle) {
+                        update::Source::File(f) => update::apply_file(&at, &f, how).await?,
+                        update::Source::Url(u) => update::apply_url(&at, &u, how).await?,
+                    };
+                    println!("{done}");
+                }
+                UpdateCmd::Check { install } => println!("{}", update::check(&at, install).await?),
+                UpdateCmd::Rollback => println!("{}", update::rollback(&at).await?),
+                UpdateCmd::Channel {
+                    url,
+                    none,
+                    interval,
+                    no_auto_install,
+                } => {
+                    let change = UpdateCmd::channel_change(url, none, interval, no_auto_install);
+                    update::channel(&at, &change).await?;
+                }
+            }
+            Ok(())
+        })?,
         Cmd::Status { json, box_id, host } => {
             // On the box, init answers; anywhere else, a paired box does.
             let remote_box = box_id.is_some() || host.is_some() || !sock.exists();
@@ -675,6 +805,156 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cloudlet: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `update` command's box, host, port and subcommand, parsed.
+    fn parse_update(args: &[&str]) -> (Option<String>, Option<String>, u16, UpdateCmd) {
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.cmd {
+            Cmd::Update {
+                box_id,
+                host,
+                port,
+                cmd,
+            } => (box_id, host, port, cmd),
+            _ => panic!("{args:?} is not an update command"),
+        }
+    }
+
+    #[test]
+    fn update_apply_takes_the_bundle_and_its_flags_with_the_box_anywhere() {
+        let (b, h, port, cmd) = parse_update(&[
+            "cloudlet",
+            "update",
+            "--box",
+            "abcd-efgh-ijkm-nopq",
+            "apply",
+            "out/cloudlet.bundle",
+            "--allow-downgrade",
+            "--no-reboot",
+            "--host",
+            "10.0.0.2",
+        ]);
+        assert_eq!(b.as_deref(), Some("abcd-efgh-ijkm-nopq"));
+        assert_eq!(h.as_deref(), Some("10.0.0.2"));
+        assert_eq!(port, 8082);
+        assert_eq!(
+            cmd,
+            UpdateCmd::Apply {
+                bundle: "out/cloudlet.bundle".into(),
+                allow_downgrade: true,
+                no_reboot: true,
+            }
+        );
+        let (_, _, port, cmd) = parse_update(&[
+            "cloudlet",
+            "update",
+            "apply",
+            "https://u.example/b",
+            "--port",
+            "9000",
+        ]);
+        assert_eq!(port, 9000);
+        assert_eq!(
+            cmd,
+            UpdateCmd::Apply {
+                bundle: "https://u.example/b".into(),
+                allow_downgrade: false,
+                no_reboot: false,
+            }
+        );
+    }
+
+    #[test]
+    fn update_apply_needs_a_bundle() {
+        assert!(Cli::try_parse_from(["cloudlet", "update", "apply"]).is_err());
+        assert!(Cli::try_parse_from(["cloudlet", "update"]).is_err());
+    }
+
+    #[test]
+    fn update_status_check_and_rollback_parse() {
+        assert_eq!(
+            parse_update(&["cloudlet", "update", "status", "--json"]).3,
+            UpdateCmd::Status { json: true }
+        );
+        assert_eq!(
+            parse_update(&["cloudlet", "update", "status"]).3,
+            UpdateCmd::Status { json: false }
+        );
+        assert_eq!(
+            parse_update(&["cloudlet", "update", "check", "--install"]).3,
+            UpdateCmd::Check { install: true }
+        );
+        assert_eq!(
+            parse_update(&["cloudlet", "update", "rollback"]).3,
+            UpdateCmd::Rollback
+        );
+    }
+
+    fn change(args: &[&str]) -> update::ChannelChange {
+        match parse_update(args).3 {
+            UpdateCmd::Channel {
+                url,
+                none,
+                interval,
+                no_auto_install,
+            } => UpdateCmd::channel_change(url, none, interval, no_auto_install),
+            other => panic!("{args:?} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn update_channel_shows_sets_or_removes() {
+        assert_eq!(
+            change(&["cloudlet", "update", "channel"]),
+            update::ChannelChange::Show
+        );
+        assert_eq!(
+            change(&["cloudlet", "update", "channel", "--none"]),
+            update::ChannelChange::Remove
+        );
+        assert_eq!(
+            change(&[
+                "cloudlet",
+                "update",
+                "channel",
+                "https://u.example/index",
+                "--interval",
+                "3600",
+                "--no-auto-install"
+            ]),
+            update::ChannelChange::Set {
+                url: Some("https://u.example/index".into()),
+                interval_s: Some(3600),
+                no_auto_install: true,
+            }
+        );
+        assert_eq!(
+            change(&["cloudlet", "update", "channel", "--interval", "60"]),
+            update::ChannelChange::Set {
+                url: None,
+                interval_s: Some(60),
+                no_auto_install: false,
+            }
+        );
+        for bad in [
+            &[
+                "cloudlet",
+                "update",
+                "channel",
+                "https://u.example/i",
+                "--none",
+            ][..],
+            &["cloudlet", "update", "channel", "--none", "--interval", "5"],
+            &["cloudlet", "update", "channel", "--interval", "soon"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} parsed");
         }
     }
 }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use base64::Engine;
 use cloudlet_runtime::dial::{self, with_port, Check, Conn, FirstContact};
 use cloudlet_runtime::tls;
+use http_body_util::BodyExt;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 
@@ -341,6 +342,60 @@ fn on_port(addr: &str, port: u16) -> String {
     }
 }
 
+/// A paired box's service, ready to be reached: where, how to check it (its
+/// pinned identity), and by what name. What [`call_service`] and
+/// [`upload_service`] share.
+struct Reach {
+    cfg: Config,
+    box_id: String,
+    /// The address kept for the box, to learn whether it moved.
+    pinned_addr: String,
+    addr: String,
+    /// The call goes to the web UI's port, the one address kept for the box.
+    web: bool,
+    config: Arc<rustls::ClientConfig>,
+    server_name: String,
+}
+
+impl Reach {
+    async fn new(
+        which: Option<&str>,
+        host: Option<&str>,
+        port: Option<u16>,
+    ) -> Result<Reach, String> {
+        let cfg = Config::open()?;
+        let (box_id, b) = cfg.pinned(which)?;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(&b.identity)
+            .map_err(|e| format!("boxes.json: {e}"))?;
+        let web = address(&box_id, &b, host).await?;
+        let addr = port.map_or_else(|| web.clone(), |p| on_port(&web, p));
+        let config = client_config(&cfg, Check::Pinned(CertificateDer::from(der)))?;
+        Ok(Reach {
+            server_name: tls::box_dns_name(&box_id),
+            cfg,
+            box_id,
+            pinned_addr: b.addr,
+            addr,
+            web: port.is_none(),
+            config,
+        })
+    }
+
+    /// Once a handshake proved the pinned identity: this is where the box
+    /// is, kept for the next calls.
+    fn reached(&self) -> Result<(), String> {
+        if self.web && self.addr != self.pinned_addr {
+            let mut boxes = self.cfg.boxes()?;
+            if let Some(p) = boxes.get_mut(&self.box_id) {
+                p.addr = self.addr.clone();
+                self.cfg.save_boxes(&boxes)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// [`call_at`] to another service of the box: the same host as its web
 /// UI, at `port` (sync's 5984, say) when given. Every service presents a
 /// certificate issued by the same pinned identity.
@@ -352,29 +407,169 @@ pub async fn call_service(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, String> {
-    let cfg = Config::open()?;
-    let (box_id, b) = cfg.pinned(which)?;
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(&b.identity)
-        .map_err(|e| format!("boxes.json: {e}"))?;
-    let web = address(&box_id, &b, host).await?;
-    let addr = port.map_or_else(|| web.clone(), |p| on_port(&web, p));
-    let config = client_config(&cfg, Check::Pinned(CertificateDer::from(der)))?;
-    let mut conn = Conn::connect(&addr, config, tls::box_dns_name(&box_id)).await?;
-    // The handshake proved the pinned identity: this is where the box is.
-    if port.is_none() && addr != b.addr {
-        let mut boxes = cfg.boxes()?;
-        if let Some(p) = boxes.get_mut(&box_id) {
-            p.addr = addr;
-            cfg.save_boxes(&boxes)?;
-        }
-    }
+    let reach = Reach::new(which, host, port).await?;
+    let mut conn =
+        Conn::connect(&reach.addr, reach.config.clone(), reach.server_name.clone()).await?;
+    reach.reached()?;
     let (status, answer) = conn.call(method, path, body).await?;
     if status / 100 != 2 {
         return Err(explain(status, &answer));
     }
     Ok(answer)
 }
+
+/// Bytes read from the file per body frame.
+const UPLOAD_CHUNK: usize = 256 << 10;
+
+/// A file as a request body, read as hyper sends it: never whole in
+/// memory. `sent` is told the bytes handed on so far.
+struct FileBody {
+    file: tokio::fs::File,
+    path: PathBuf,
+    /// Bytes still to send: the length announced in Content-Length.
+    left: u64,
+    done: u64,
+    buf: Vec<u8>,
+    sent: Box<dyn FnMut(u64) + Send>,
+}
+
+impl hyper::body::Body for FileBody {
+    type Data = hyper::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let want = usize::try_from(this.left).map_or(UPLOAD_CHUNK, |l| l.min(UPLOAD_CHUNK));
+        this.buf.resize(want, 0);
+        let mut rb = tokio::io::ReadBuf::new(&mut this.buf);
+        match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut this.file), cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(std::io::Error::new(
+                e.kind(),
+                io_err("reading", &this.path, e),
+            )))),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    // The file shrank after its length was sent: the box
+                    // sees a short body and refuses it.
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} ended {} bytes early", this.path.display(), this.left),
+                    ))));
+                }
+                let chunk = hyper::body::Bytes::copy_from_slice(rb.filled());
+                let n = n as u64;
+                this.left = this.left.saturating_sub(n);
+                this.done = this.done.saturating_add(n);
+                (this.sent)(this.done);
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// Sends the file at `file` as the body of one call to a service of the
+/// paired box (as [`call_service`]: the same pinned HTTPS), streamed with
+/// its length announced, `application/octet-stream`. `sent` is told the
+/// bytes sent so far, with the file's length first. The answer is JSON, as
+/// for [`call_service`].
+pub async fn upload_service(
+    which: Option<&str>,
+    host: Option<&str>,
+    port: Option<u16>,
+    method: &str,
+    path: &str,
+    file: &Path,
+    mut sent: impl FnMut(u64, u64) + Send + 'static,
+) -> Result<serde_json::Value, String> {
+    let f = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| io_err("opening", file, e))?;
+    let meta = f.metadata().await.map_err(|e| io_err("reading", file, e))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a file", file.display()));
+    }
+    let len = meta.len();
+    let reach = Reach::new(which, host, port).await?;
+    let tls = tokio::time::timeout(dial::CONNECT_TIMEOUT, async {
+        let tcp = tokio::net::TcpStream::connect(&reach.addr)
+            .await
+            .map_err(|e| format!("cannot reach {}: {e}", reach.addr))?;
+        let name = rustls::pki_types::ServerName::try_from(reach.server_name.clone())
+            .map_err(|e| e.to_string())?;
+        tokio_rustls::TlsConnector::from(reach.config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {}: {e}", reach.addr))
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "{} did not answer within {:?}",
+            reach.addr,
+            dial::CONNECT_TIMEOUT
+        )
+    })??;
+    reach.reached()?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sent(0, len);
+    let body = FileBody {
+        file: f,
+        path: file.to_owned(),
+        left: len,
+        done: 0,
+        buf: Vec::new(),
+        sent: Box::new(move |done| sent(done, len)),
+    };
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", &reach.server_name)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len)
+        .body(body)
+        .map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("sending {}: {e}", file.display()))?;
+    let status = resp.status().as_u16();
+    let answer = http_body_util::Limited::new(resp.into_body(), ANSWER_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+        .to_bytes();
+    let answer = serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null);
+    if status / 100 != 2 {
+        return Err(explain(status, &answer));
+    }
+    Ok(answer)
+}
+
+/// Largest answer read after an upload: the box answers a few fields.
+const ANSWER_LIMIT: usize = 1 << 20;
 
 /// A box found on the LAN.
 pub struct Found {
@@ -440,4 +635,86 @@ pub fn discover(seconds: u64) -> Result<Vec<Found>, String> {
     }
     let _ = mdns.shutdown();
     Ok(found.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::body::Body;
+    use std::sync::Mutex;
+
+    /// A body over a file of `len` patterned bytes that claims `claimed`,
+    /// and what its progress callback was told.
+    async fn body_of(
+        dir: &Path,
+        len: usize,
+        claimed: u64,
+    ) -> (FileBody, Vec<u8>, Arc<Mutex<Vec<u64>>>) {
+        let path = dir.join("bundle");
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        let body = FileBody {
+            file: tokio::fs::File::open(&path).await.unwrap(),
+            path,
+            left: claimed,
+            done: 0,
+            buf: Vec::new(),
+            sent: Box::new(move |done| t.lock().unwrap().push(done)),
+        };
+        (body, bytes, told)
+    }
+
+    #[tokio::test]
+    async fn a_file_body_sends_the_whole_file_in_bounded_chunks_and_reports_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 2 * UPLOAD_CHUNK + 1234;
+        let (mut body, bytes, told) = body_of(dir.path(), len, len as u64).await;
+        assert_eq!(body.size_hint().exact(), Some(len as u64));
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(
+                !data.is_empty() && data.len() <= UPLOAD_CHUNK,
+                "{}",
+                data.len()
+            );
+            got.extend_from_slice(&data);
+        }
+        assert!(body.is_end_stream());
+        assert_eq!(got, bytes);
+        let told = told.lock().unwrap().clone();
+        assert!(told.len() >= 3, "{told:?}");
+        assert!(told.windows(2).all(|w| w[0] < w[1]), "{told:?}");
+        assert_eq!(told.last(), Some(&(len as u64)));
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_announced_fails_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut body, _, _) = body_of(dir.path(), 1000, 1010).await;
+        let mut sent = 0;
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(f)) => sent += f.into_data().unwrap().len(),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended after {sent} bytes without an error"),
+            }
+        };
+        assert_eq!(sent, 1000);
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("10 bytes early"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_file_longer_than_announced_sends_only_what_was_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut body, bytes, _) = body_of(dir.path(), 5000, 4000).await;
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(got, bytes[..4000]);
+    }
 }

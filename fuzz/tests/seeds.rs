@@ -117,6 +117,21 @@ fn bundle_seed_is_the_fixture_and_verifies() {
 }
 
 #[test]
+fn bundle_head_seed_is_the_fixture_and_its_head_reads() {
+    let f = bundle_fixture();
+    let seeds = read_seeds("bundle_head");
+    assert_eq!(seeds.len(), 1, "the head target knows one signed bundle");
+    let (name, bytes) = &seeds[0];
+    assert!(
+        *bytes == f.bytes,
+        "bundle_head/{name} is not the fixture's bundle: run write_seeds"
+    );
+    let mut src = bytes.clone();
+    let remote = cloudlet_bundle::delta::read_head(&mut src, &[f.public]).unwrap();
+    assert_eq!(remote.manifest, f.manifest);
+}
+
+#[test]
 fn sntp_seeds_are_accepted_replies() {
     let sent = sntp::Request::new(SNTP_NONCE);
     for (name, bytes) in read_seeds("sntp") {
@@ -352,8 +367,9 @@ fn write_seeds() {
     mac.extend_from_slice(&[0xa5; 20]);
     write("sntp", "v4-mac", &mac);
 
-    // The signed fixture bundle.
+    // The signed fixture bundle, for the whole-bundle and the head targets.
     write("bundle", "signed.tar", &bundle_fixture().bytes);
+    write("bundle_head", "signed.tar", &bundle_fixture().bytes);
 
     // Client chains (fresh keys each time; the target reads its fixture
     // from the seed): a service's certificate and its box identity, as the

@@ -1,31 +1,26 @@
-//! Marking this boot good: once every service is ready, the booted slot's
-//! tries go back to full, so U-Boot keeps choosing it. (The updater issue
-//! moves this decision into the updater; the file format is shared through
-//! `cloudlet_proto::bootstate`.)
+//! Marking this boot good: once every service has stayed ready for the
+//! settling period ([`crate::settle`]), the booted slot's tries go back to
+//! full, so U-Boot keeps choosing it. The boot partition stays mounted at
+//! [`BOOT_DIR`] for the whole run (`pid1/bootpart.rs`), so this writes in
+//! place. The file format and its lock are shared with the updater through
+//! `cloudlet_proto::bootstate`: every read-modify-write of the boot state,
+//! init's and the updater's, holds `flock(LOCK_EX)` on `bootstate0.env`.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use cloudlet_proto::bootstate::{self, BootState, Slot, COPY_NAMES, TRIES};
+use cloudlet_proto::bootstate::{OnDisk, Slot, Updated, TRIES};
 
-use crate::system::{disk, mounts};
-
-/// Where the boot partition is mounted while the boot state is written.
-const BOOT_MOUNT: &str = "/boot";
+/// Where the boot partition is mounted, read-write, for the whole run.
+pub const BOOT_DIR: &str = "/boot";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    /// neither copy of the boot state is valid: U-Boot has nothing to go on
-    #[error("no valid boot state in {0}")]
-    NoValidState(PathBuf),
-    /// the boot-state code chose a copy that does not exist
-    #[error("boot state copy {0} does not exist")]
-    BadIndex(usize),
-    /// writing the copy failed
-    #[error("{path}: {source}")]
-    Write {
-        path: PathBuf,
+    /// the boot state could not be locked, read or written (or neither
+    /// copy is valid: U-Boot has nothing to go on)
+    #[error("boot state in {dir}: {source}")]
+    BootState {
+        dir: PathBuf,
         source: std::io::Error,
     },
 }
@@ -42,31 +37,23 @@ pub enum Commit {
     },
 }
 
-/// Marks the boot of `slot` good on `disk`'s boot partition: mounts it,
-/// [`commit`]s, unmounts it. Problems are logged: the box serves either way.
-/// Returns whether the partition is still mounted (unmounting failed), so
-/// that the shutdown unmounts it.
-pub fn mark_good(disk: &Path, slot: Slot) -> bool {
-    let dev = disk::partition_path(disk, disk::PART_BOOT);
-    if let Err(e) = mounts::mount_fs(
-        &dev.to_string_lossy(),
-        BOOT_MOUNT,
-        "vfat",
-        nix::mount::MsFlags::MS_NOATIME,
-        None,
-    ) {
-        tracing::error!(slot = %slot, error = %e, "could not mark the boot good");
-        return false;
-    }
-    match commit(Path::new(BOOT_MOUNT), slot) {
-        Ok(c) => tracing::info!(slot = %slot, "boot marked good: {c}"),
-        Err(e) => tracing::error!(slot = %slot, error = %e, "could not mark the boot good"),
-    }
-    match mounts::unmount_or_readonly(BOOT_MOUNT) {
-        Ok(()) => false,
-        Err(e) => {
-            tracing::warn!(error = %e, "boot partition");
+/// Marks the boot of `slot` good in the boot partition mounted at
+/// `boot_dir`, after every service was ready for `ready_for`. Problems are
+/// logged: the box serves either way. Returns whether the boot state now
+/// says this slot is good.
+pub fn mark_good(boot_dir: &Path, slot: Slot, ready_for: Duration) -> bool {
+    match commit(boot_dir, slot) {
+        Ok(c) => {
+            tracing::info!(
+                slot = %slot,
+                "boot marked good after {} s of every service ready: {c}",
+                ready_for.as_secs()
+            );
             true
+        }
+        Err(e) => {
+            tracing::error!(slot = %slot, error = %e, "could not mark the boot good");
+            false
         }
     }
 }
@@ -87,49 +74,37 @@ impl std::fmt::Display for Commit {
     }
 }
 
-/// Reads both copies from `dir` (the mounted boot partition) and, if the
-/// booted `slot` has fewer than [`TRIES`] left, writes the older copy with
-/// full tries. The write goes to the stale copy, so a power cut during it
-/// leaves the newest valid copy in place.
+/// Under the boot-state lock, reads both copies from `dir` (the mounted
+/// boot partition) and, if the booted `slot` has fewer than [`TRIES`] left,
+/// writes the older copy with full tries. The write goes to the stale copy,
+/// so a power cut during it leaves the newest valid copy in place; the lock
+/// keeps the updater from writing that same copy from the same reading.
 pub fn commit(dir: &Path, slot: Slot) -> Result<Commit, CommitError> {
-    let read = |name: &str| std::fs::read(dir.join(name)).ok();
-    let c0 = read(COPY_NAMES[0]);
-    let c1 = read(COPY_NAMES[1]);
-    let (newest, state) = bootstate::newest([c0.as_deref(), c1.as_deref()])
-        .ok_or_else(|| CommitError::NoValidState(dir.to_owned()))?;
-    let was_left = state.tries_left(slot);
-    if was_left == TRIES {
-        return Ok(Commit::AlreadyGood);
-    }
-    let mut next: BootState = state.clone();
-    next.set_tries_left(slot, TRIES);
-    let (index, bytes) = bootstate::next_write(newest, &next);
-    let name = COPY_NAMES.get(index).ok_or(CommitError::BadIndex(index))?;
-    let path = dir.join(name);
-    // Overwrite in place without truncating: the file keeps its clusters and size.
-    let write = || -> std::io::Result<()> {
-        let f = File::options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        f.write_all_at(&bytes, 0)?;
-        f.set_len(bytes.len() as u64)?;
-        f.sync_all()
-    };
-    if let Err(source) = write() {
-        return Err(CommitError::Write { path, source });
-    }
-    Ok(Commit::Written {
-        index,
-        seq: state.seq.wrapping_add(1),
-        was_left,
+    let mut was_left = TRIES;
+    let updated = OnDisk::new(dir)
+        .update(|state| {
+            was_left = state.tries_left(slot);
+            state.set_tries_left(slot, TRIES);
+        })
+        .map_err(|source| CommitError::BootState {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    Ok(match updated {
+        Updated::Unchanged(_) => Commit::AlreadyGood,
+        Updated::Written { index, state } => Commit::Written {
+            index,
+            seq: state.seq,
+            was_left,
+        },
     })
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use cloudlet_proto::bootstate::{self, BootState, COPY_NAMES};
+
     use super::*;
 
     #[test]
@@ -163,10 +138,53 @@ mod tests {
     fn no_valid_copy_is_an_error_and_writes_nothing() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(COPY_NAMES[0]), [0u8; 4096]).unwrap();
+        let e = commit(d.path(), Slot::A).unwrap_err();
+        assert!(e.to_string().contains("no valid boot state"), "{e}");
+        assert!(!d.path().join(COPY_NAMES[1]).exists());
+        assert!(!mark_good(d.path(), Slot::A, Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn the_commit_waits_for_the_boot_state_lock() {
+        use nix::fcntl::{Flock, FlockArg};
+        let d = tempfile::tempdir().unwrap();
+        let mut s = BootState::initial();
+        s.b_left = 1;
+        std::fs::write(d.path().join(COPY_NAMES[0]), s.encode()).unwrap();
+        // The updater holds the lock (a separate open file description).
+        let held = std::fs::File::open(d.path().join(COPY_NAMES[0])).unwrap();
+        let lock = Flock::lock(held, FlockArg::LockExclusiveNonblock).unwrap();
+        let dir = d.path().to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || tx.send(commit(&dir, Slot::B).unwrap()).unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "committed while another writer held the lock"
+        );
+        assert!(!d.path().join(COPY_NAMES[1]).exists());
+        drop(lock);
+        let c = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        assert_eq!(
+            c,
+            Commit::Written {
+                index: 1,
+                seq: 2,
+                was_left: 1
+            }
+        );
+        // The lock is taken on the file opened read-only, and released.
+        let again = std::fs::File::open(d.path().join(COPY_NAMES[0])).unwrap();
+        assert!(Flock::lock(again, FlockArg::LockExclusiveNonblock).is_ok());
+    }
+
+    #[test]
+    fn a_missing_first_copy_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(COPY_NAMES[1]), BootState::initial().encode()).unwrap();
         assert!(matches!(
             commit(d.path(), Slot::A),
-            Err(CommitError::NoValidState(_))
+            Err(CommitError::BootState { .. })
         ));
-        assert!(!d.path().join(COPY_NAMES[1]).exists());
     }
 }

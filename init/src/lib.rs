@@ -4,10 +4,11 @@
 //! modules, finds the disk, mounts the booted slot's read-only root and
 //! switches to it. Stage 2 ([`run`]) is the real init: /data, hostname,
 //! network, clock, then the supervisor ([`supervisor`]) that starts services
-//! from the manifest ([`manifest`]), the front panel's policy ([`panel`]) and
-//! the control socket ([`control`]). The same binary also runs unprivileged
-//! on a development machine (`--no-system`) to supervise services in a
-//! temporary directory; the host tests use that.
+//! from the manifest ([`manifest`]), the front panel's policy ([`panel`]),
+//! when the boot is committed ([`settle`], [`bootcommit`]) or given up
+//! ([`health`]), and the control socket ([`control`]). The same binary
+//! also runs unprivileged on a development machine (`--no-system`) to
+//! supervise services in a temporary directory; the host tests use that.
 //!
 //! PID 1 must not panic (a PID 1 that exits panics the kernel): init's
 //! clippy lints (in its Cargo.toml) deny unwrap, expect, panics, indexing
@@ -18,11 +19,13 @@ pub mod board;
 pub mod bootcommit;
 pub mod cli;
 pub mod control;
+pub mod health;
 pub mod logbuf;
 pub mod logging;
 pub mod manifest;
 pub mod panel;
 mod pid1;
+pub mod settle;
 pub mod spawn;
 pub mod stage1;
 pub mod supervisor;

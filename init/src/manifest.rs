@@ -120,13 +120,48 @@ fn default_log_lines() -> usize {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct RawManifest {
+    /// How long every service must stay ready before the boot is committed.
+    #[serde(default = "default_settle", with = "humantime_serde")]
+    settle: Duration,
+    /// How long after the services start the boot may take to become
+    /// ready, before `settle` more, until init reboots it.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    health_timeout: Duration,
     #[serde(default)]
     service: Vec<ServiceSpec>,
+}
+
+/// How long every service must stay ready before this boot is marked good,
+/// when the manifest does not say.
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(60);
+
+fn default_settle() -> Duration {
+    DEFAULT_SETTLE
+}
+
+/// How long the services may take to become ready (the settling period
+/// comes on top) before init gives the boot up, when the manifest does not say.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
+/// The shortest `health-timeout`: a slow first boot (making /data, a
+/// first-start migration) must not be mistaken for a broken one.
+pub const MIN_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest `health-timeout`.
+pub const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+fn default_health_timeout() -> Duration {
+    DEFAULT_HEALTH_TIMEOUT
 }
 
 /// A parsed, validated manifest with services in start order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
+    /// How long every service must stay ready (the top-level `settle`)
+    /// before init marks this boot good.
+    pub settle: Duration,
+    /// If the boot is not committed within `health-timeout` plus `settle`
+    /// of the services starting, init reboots so that the boot loader can
+    /// fall back to the other slot ([`crate::health`]).
+    pub health_timeout: Duration,
     /// Services sorted so that every service comes after all it depends on.
     pub services: Vec<ServiceSpec>,
 }
@@ -141,6 +176,21 @@ impl Manifest {
         let raw: RawManifest = toml::from_str(text)
             .map_err(|e| ManifestError(vec![e.to_string().trim().to_owned()]))?;
         let mut errors = Vec::new();
+        if raw.settle > MAX_DURATION {
+            errors.push(format!(
+                "settle is longer than {} days",
+                MAX_DURATION.as_secs() / 86_400
+            ));
+        }
+        if raw.health_timeout < MIN_HEALTH_TIMEOUT {
+            errors.push(format!(
+                "health-timeout is shorter than {} s",
+                MIN_HEALTH_TIMEOUT.as_secs()
+            ));
+        }
+        if raw.health_timeout > MAX_HEALTH_TIMEOUT {
+            errors.push("health-timeout is longer than 1 day".to_owned());
+        }
         let mut by_name: HashMap<&str, usize> = HashMap::new();
         for (i, s) in raw.service.iter().enumerate() {
             if s.name.is_empty()
@@ -234,7 +284,11 @@ impl Manifest {
             .into_iter()
             .filter_map(|i| slots.get_mut(i).and_then(Option::take))
             .collect();
-        Ok(Manifest { services })
+        Ok(Manifest {
+            settle: raw.settle,
+            health_timeout: raw.health_timeout,
+            services,
+        })
     }
 }
 
@@ -299,6 +353,47 @@ mod tests {
         let all = e.0.join("\n");
         assert!(all.contains("backoff-initial is longer"), "{all}");
         assert!(all.contains("stop-timeout is longer"), "{all}");
+    }
+
+    #[test]
+    fn settle_is_read_from_the_top_level_and_defaults_to_a_minute() {
+        let one = "[[service]]\nname = \"a\"\nexec = [\"/bin/a\"]\n";
+        assert_eq!(Manifest::parse(one).unwrap().settle, DEFAULT_SETTLE);
+        let m = Manifest::parse(&format!("settle = \"90s\"\n{one}")).unwrap();
+        assert_eq!(m.settle, Duration::from_secs(90));
+        let zero = Manifest::parse(&format!("settle = \"0s\"\n{one}")).unwrap();
+        assert_eq!(zero.settle, Duration::ZERO);
+        let e = Manifest::parse(&format!("settle = \"8days\"\n{one}")).unwrap_err();
+        assert_eq!(e.0, vec!["settle is longer than 7 days".to_owned()]);
+        let e = Manifest::parse(&format!("settle = \"soon\"\n{one}")).unwrap_err();
+        assert!(e.0.join("\n").contains("settle"), "{e}");
+        let e = Manifest::parse(&format!("settel = \"60s\"\n{one}")).unwrap_err();
+        assert!(e.0.join("\n").contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn health_timeout_defaults_to_five_minutes_and_must_be_30_s_to_1_day() {
+        let one = "[[service]]\nname = \"a\"\nexec = [\"/bin/a\"]\n";
+        assert_eq!(
+            Manifest::parse(one).unwrap().health_timeout,
+            Duration::from_secs(300)
+        );
+        for (text, secs) in [("30s", 30), ("10m", 600), ("1day", 86_400)] {
+            let m = Manifest::parse(&format!("health-timeout = \"{text}\"\n{one}")).unwrap();
+            assert_eq!(m.health_timeout, Duration::from_secs(secs), "{text}");
+        }
+        let e = Manifest::parse(&format!("health-timeout = \"29s\"\n{one}")).unwrap_err();
+        assert_eq!(e.0, vec!["health-timeout is shorter than 30 s".to_owned()]);
+        let e = Manifest::parse(&format!("health-timeout = \"1day 1s\"\n{one}")).unwrap_err();
+        assert_eq!(e.0, vec!["health-timeout is longer than 1 day".to_owned()]);
+        // Reported together with the other errors.
+        let e = Manifest::parse(&format!(
+            "health-timeout = \"0s\"\nsettle = \"8days\"\n{one}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        let e = Manifest::parse(&format!("health-timeout = \"never\"\n{one}")).unwrap_err();
+        assert!(e.0.join("\n").contains("health-timeout"), "{e}");
     }
 
     #[test]

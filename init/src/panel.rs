@@ -10,8 +10,11 @@
 //!   when every service is ready again) or when /data is missing. A short
 //!   press is published; the pairing pattern shows while the sharing
 //!   service says its window is open (at most [`PAIRING_WINDOW`]), and the
-//!   error pattern for [`PAIRING_FAILED`] when pairing fails; a long press goes dark while held and
-//!   powers off in order when released. Every press is published.
+//!   error pattern for [`PAIRING_FAILED`] when pairing fails; the updating
+//!   pattern while the updater says it installs, and the update error code
+//!   once ([`ROLLED_BACK`]) when it reports a rollback; a long press goes
+//!   dark while held and powers off in order when released. Every press is
+//!   published.
 //! * [`ResetGesture`], at boot when the button is already held: held to the
 //!   very-long time arms a factory reset, and one short press within
 //!   [`RESET_CONFIRM`] confirms it. Anything else boots normally.
@@ -31,6 +34,9 @@ use cloudlet_proto::control::ButtonEvent;
 pub const PAIRING_WINDOW: Duration = Duration::from_secs(125);
 /// How long a failed pairing shows the error pattern.
 pub const PAIRING_FAILED: Duration = Duration::from_secs(5);
+/// How long a rollback shows the update error code: one run of it (five
+/// flashes and the pause, `cloudlet_board::led::pattern`).
+pub const ROLLED_BACK: Duration = Duration::from_secs(3);
 /// How long the factory-reset gesture waits for its confirming press.
 pub const RESET_CONFIRM: Duration = Duration::from_secs(15);
 /// How long the held button has to reach the very-long time (10 s) and arm
@@ -66,6 +72,8 @@ pub enum Event {
     Tick,
     /// The sharing service's pairing window opened, closed or failed.
     Pairing(cloudlet_proto::control::PairingLed),
+    /// The updater began installing, finished, or rolled back.
+    Update(cloudlet_proto::control::UpdateLed),
     /// Every service is ready, the first time this boot.
     AllReady,
     /// A service reported ready and every service is ready right now
@@ -99,6 +107,10 @@ pub struct Panel {
     pairing_until: Option<Instant>,
     /// A failed pairing shows the error pattern until then.
     failed_until: Option<Instant>,
+    /// The updater is installing a bundle.
+    updating: bool,
+    /// A rollback shows the update error code until then.
+    rolled_back_until: Option<Instant>,
     /// Held past the long-press time: dark until released.
     held_long: bool,
     shutting_down: bool,
@@ -112,6 +124,8 @@ impl Panel {
             shown: LedState::Off,
             pairing_until: None,
             failed_until: None,
+            updating: false,
+            rolled_back_until: None,
             held_long: false,
             shutting_down: false,
         }
@@ -129,12 +143,16 @@ impl Panel {
         self.shown
     }
 
-    /// When the pairing pattern or the failure pattern ends, if one shows.
+    /// When the pairing pattern or a failure pattern ends, if one shows.
     pub fn next_deadline(&self) -> Option<Instant> {
-        match (self.pairing_until, self.failed_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.pairing_until,
+            self.failed_until,
+            self.rolled_back_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
@@ -151,6 +169,9 @@ impl Panel {
                 if self.failed_until.is_some_and(|t| t <= now) {
                     self.failed_until = None;
                 }
+                if self.rolled_back_until.is_some_and(|t| t <= now) {
+                    self.rolled_back_until = None;
+                }
             }
             Event::Pairing(led) => {
                 use cloudlet_proto::control::PairingLed;
@@ -163,6 +184,23 @@ impl Panel {
                     PairingLed::Failed => {
                         self.pairing_until = None;
                         self.failed_until = Some(now.checked_add(PAIRING_FAILED).unwrap_or(now));
+                    }
+                }
+            }
+            Event::Update(led) => {
+                use cloudlet_proto::control::UpdateLed;
+                match led {
+                    UpdateLed::Installing => {
+                        self.rolled_back_until = None;
+                        self.updating = true;
+                    }
+                    UpdateLed::Idle => {
+                        self.updating = false;
+                        self.rolled_back_until = None;
+                    }
+                    UpdateLed::RolledBack => {
+                        self.updating = false;
+                        self.rolled_back_until = Some(now.checked_add(ROLLED_BACK).unwrap_or(now));
                     }
                 }
             }
@@ -223,8 +261,13 @@ impl Panel {
             LedState::Booting
         } else if self.failed_until.is_some() {
             LedState::Error(ErrorClass::Pairing)
+        } else if self.rolled_back_until.is_some() {
+            LedState::Error(ErrorClass::Update)
         } else if self.pairing_until.is_some() {
+            // A person pressed the button: pairing shows over an update.
             LedState::Pairing
+        } else if self.updating {
+            LedState::Updating
         } else {
             self.base
         };
@@ -564,6 +607,65 @@ mod tests {
         );
         assert_eq!(p.handle(Event::GaveUp, t0), vec![]);
         assert_eq!(p.shown(), LedState::Booting);
+    }
+
+    #[test]
+    fn the_update_pattern_shows_until_idle_and_a_rollback_shows_the_error_once() {
+        use cloudlet_proto::control::UpdateLed;
+        let t0 = Instant::now();
+        let mut p = started(LedState::Booting);
+        p.handle(Event::AllReady, t0);
+        assert_eq!(
+            p.handle(Event::Update(UpdateLed::Installing), t0),
+            vec![Led(LedState::Updating)]
+        );
+        // No deadline: it shows until the updater says otherwise.
+        assert_eq!(p.next_deadline(), None);
+        assert_eq!(p.handle(Event::Tick, t0 + Duration::from_secs(600)), vec![]);
+        assert_eq!(p.shown(), LedState::Updating);
+        assert_eq!(
+            p.handle(Event::Update(UpdateLed::Idle), t0),
+            vec![Led(LedState::Ready)]
+        );
+        // A rollback: the update error code for one run, then normal.
+        p.handle(Event::Update(UpdateLed::Installing), t0);
+        assert_eq!(
+            p.handle(Event::Update(UpdateLed::RolledBack), t0),
+            vec![Led(LedState::Error(ErrorClass::Update))]
+        );
+        assert_eq!(p.next_deadline(), Some(t0 + ROLLED_BACK));
+        assert_eq!(
+            p.handle(Event::Tick, t0 + ROLLED_BACK - Duration::from_millis(1)),
+            vec![]
+        );
+        assert_eq!(
+            p.handle(Event::Tick, t0 + ROLLED_BACK),
+            vec![Led(LedState::Ready)]
+        );
+        assert_eq!(p.next_deadline(), None);
+    }
+
+    #[test]
+    fn pairing_shows_over_an_update_and_the_update_pattern_comes_back() {
+        use cloudlet_proto::control::{PairingLed, UpdateLed};
+        let t0 = Instant::now();
+        let mut p = started(LedState::Booting);
+        p.handle(Event::AllReady, t0);
+        p.handle(Event::Update(UpdateLed::Installing), t0);
+        assert_eq!(
+            p.handle(Event::Pairing(PairingLed::Open), t0),
+            vec![Led(LedState::Pairing)]
+        );
+        assert_eq!(
+            p.handle(Event::Pairing(PairingLed::Closed), t0),
+            vec![Led(LedState::Updating)]
+        );
+        // A shutdown (the updater's reboot) shows over the update.
+        assert_eq!(
+            p.handle(Event::ShuttingDown, t0),
+            vec![Led(LedState::Booting)]
+        );
+        assert_eq!(p.handle(Event::Update(UpdateLed::Idle), t0), vec![]);
     }
 
     #[test]

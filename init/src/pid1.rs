@@ -5,6 +5,11 @@
 //!
 //! * `pid1/boot.rs`: the factory-reset gesture, then loopback, /data,
 //!   hostname, network and clock, before any service starts;
+//! * `pid1/bootpart.rs`: the boot partition (mounted for the run) and the
+//!   other slot's device, for the updater;
+//! * `pid1/commit.rs`: committing the boot once every service settled;
+//! * `pid1/health.rs`: rebooting a boot that never commits, so that the boot
+//!   loader can fall back;
 //! * `pid1/data.rs`: preparing the data partition, and wiping it;
 //! * `pid1/provision.rs`: moving what `cloudlet flash` left on the boot
 //!   partition into /data, for the sharing service;
@@ -14,8 +19,11 @@
 //! * `pid1/shutdown.rs`: the end (and what happens when the loop fails).
 
 mod boot;
+mod bootpart;
+mod commit;
 mod data;
 mod dispatch;
+mod health;
 mod inputs;
 mod provision;
 mod services;
@@ -32,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use cloudlet_board::button::Event as ButtonEv;
 use cloudlet_board::led::{ErrorClass, LedState};
-use cloudlet_proto::bootstate::Slot;
+use cloudlet_proto::bootstate::{BootState, Slot};
 use cloudlet_proto::control::{ClockSource, DataInfo};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -41,11 +49,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::control::{self, ControlRequest};
+use crate::health::Health;
 use crate::logbuf::LogBuf;
 use crate::panel::{self, ButtonLog, Panel};
+use crate::settle::Settle;
+use crate::spawn;
 use crate::supervisor::{Action, Event, ExitKind, Sig, Supervisor};
 use crate::system::{self, clock};
-use crate::{bootcommit, spawn};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -75,11 +85,18 @@ pub enum RunError {
 
 /// What the readers and the board thread tell the main loop.
 enum Msg {
-    Ready { svc: usize, pid: u32 },
+    Ready {
+        svc: usize,
+        pid: u32,
+    },
     Control(ControlRequest),
     PowerKey,
     Clock(ClockSource),
     Button(ButtonEv),
+    /// The boot commit finished: whether the boot is now marked good.
+    Committed(bool),
+    /// The boot state, read for the health watch (`None`: unreadable).
+    BootState(Option<BootState>),
 }
 
 struct Init {
@@ -92,8 +109,14 @@ struct Init {
     hostname: String,
     data: Option<DataInfo>,
     clock: ClockSource,
-    /// /boot is still mounted (unmounting it after the boot commit failed).
+    /// The boot partition is mounted at [`crate::bootcommit::BOOT_DIR`] (for the
+    /// whole run; the shutdown unmounts it).
     boot_mounted: bool,
+    /// When this boot is committed; `None` outside a box (no boot state).
+    settle: Option<Settle>,
+    /// Reboots this boot if it never commits; `None` outside a box, or
+    /// with the disk or slot unknown.
+    health: Option<Health>,
     board: Option<crate::board::Running>,
     panel: Panel,
     presses: ButtonLog,
@@ -152,6 +175,7 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
     let mut data = None;
     let mut clock = clock::source();
     let mut board = None;
+    let mut boot_mounted = false;
     if opts.system {
         let btx = tx.clone();
         board = crate::board::start(move |e| {
@@ -170,9 +194,10 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
                 data::wipe(disk);
             }
         }
-        let (h, d) = boot::system_boot(&opts, &mut vars);
-        hostname = h;
-        data = d;
+        let booted = boot::system_boot(&opts, &mut vars);
+        hostname = booted.hostname;
+        data = booted.data;
+        boot_mounted = booted.boot_mounted;
         clock = clock::source();
         inputs::watch_power_keys(tx.clone());
     } else if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
@@ -180,7 +205,12 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
     }
     vars.insert("CLOUDLET_HOSTNAME".to_owned(), hostname.clone());
 
-    let (services, logs) = services::load(&opts, &vars);
+    let services::Loaded {
+        services,
+        logs,
+        settle: settle_period,
+        health_timeout,
+    } = services::load(&opts, &vars);
     let press_seq = serve_control(&opts, &tx);
 
     // No services (a manifest that failed to load, or names none) is never
@@ -194,6 +224,7 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
     } else {
         LedState::Booting
     };
+    let settle = opts.system.then(|| Settle::new(settle_period));
     let mut init = Init {
         opts,
         sup: Supervisor::new(services),
@@ -204,7 +235,9 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
         hostname,
         data,
         clock,
-        boot_mounted: false,
+        boot_mounted,
+        settle,
+        health: None,
         board,
         panel: Panel::new(led_base),
         presses: ButtonLog::default(),
@@ -222,6 +255,7 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
         let _ = nix::sys::reboot::set_cad_enabled(false);
     }
 
+    init.health = health::watch(&init.opts, health_timeout, settle_period);
     init.start();
     let mut pet = tokio::time::interval(Duration::from_secs(10));
     pet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,10 +266,15 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
         (ShutdownMode::Exit, ShutdownMode::Exit)
     };
     loop {
-        let deadline = [init.sup.next_deadline(), init.panel.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = [
+            init.sup.next_deadline(),
+            init.panel.next_deadline(),
+            init.settle.as_ref().and_then(Settle::next_deadline),
+            init.health.as_ref().and_then(Health::next_deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -250,6 +289,7 @@ async fn main(opts: Options) -> Result<(ShutdownMode, bool), RunError> {
             _ = sleep => {
                 init.event(Event::Tick);
                 init.panel_event(panel::Event::Tick);
+                init.health_check();
             }
             // The watchdog is fed only from here: if this loop stops, the board resets.
             _ = pet.tick(), if has_watchdog => {
@@ -276,9 +316,15 @@ fn serve_control(
 ) -> tokio::sync::watch::Sender<u64> {
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<ControlRequest>();
     let (seq_tx, seq_rx) = tokio::sync::watch::channel(0u64);
+    // The updater may reboot the box into the slot it installed.
+    let uid_of = |name: &str| crate::users::lookup(&opts.etc, name).ok().map(|u| u.uid);
+    let access = control::Access {
+        updater_uid: uid_of(bootpart::UPDATER_USER),
+        sharing_uid: uid_of("sharing"),
+    };
     match control::bind(&opts.control_socket) {
         Ok(l) => {
-            tokio::spawn(control::serve(l, ctl_tx, seq_rx));
+            tokio::spawn(control::serve(l, ctl_tx, seq_rx, access));
         }
         Err(e) => {
             tracing::error!(error = %e, path = %opts.control_socket.display(), "control socket unavailable")
@@ -313,6 +359,14 @@ impl Init {
             Msg::PowerKey => self.begin_shutdown(ShutdownMode::PowerOff, "power button"),
             Msg::Clock(c) => self.clock = c,
             Msg::Button(e) => self.panel_event(panel::Event::Button(e)),
+            Msg::Committed(ok) => {
+                if let Some(s) = self.settle.as_mut() {
+                    s.committed(ok);
+                }
+                // A commit the health watch waited for has an outcome now.
+                self.health_check();
+            }
+            Msg::BootState(state) => self.health_boot_state(state),
         }
     }
 
@@ -344,11 +398,7 @@ impl Init {
 
     /// Every service is ready right now.
     fn all_ready_now(&self) -> bool {
-        (0..self.sup.specs().len()).all(|i| {
-            self.sup
-                .runtime(i)
-                .is_some_and(|r| r.state == cloudlet_proto::control::ServiceState::Ready)
-        })
+        self.sup.all_ready_now()
     }
 
     fn service_name(&self, svc: usize) -> String {
@@ -381,6 +431,15 @@ impl Init {
         tracing::info!(reason = why, ?mode, "orderly shutdown");
         shutdown::note_requested(mode);
         self.shutdown = Some(mode);
+        let cancelled = self
+            .settle
+            .as_mut()
+            .is_some_and(|s| !s.shutting_down(Instant::now()).is_empty());
+        if cancelled {
+            tracing::info!(
+                "shutting down before every service settled; this boot is not committed"
+            );
+        }
         self.panel_event(panel::Event::ShuttingDown);
         self.event(Event::ShutdownRequested);
     }
@@ -392,18 +451,23 @@ impl Init {
     fn start(&mut self) {
         let actions = self.sup.start(Instant::now());
         let mut queue = VecDeque::from(self.apply(actions));
+        self.settle_check();
         while let Some(e) = queue.pop_front() {
             let actions = self.sup.handle(e, Instant::now());
             queue.extend(self.apply(actions));
+            self.settle_check();
         }
     }
 
-    /// Feeds the supervisor, and what carrying out its actions causes, until quiet.
+    /// Feeds the supervisor, and what carrying out its actions causes, until
+    /// quiet. The boot commit sees every step, so a service that stops being
+    /// ready for even one step cancels its settling period.
     fn event(&mut self, e: Event) {
         let mut queue = VecDeque::from([e]);
         while let Some(e) = queue.pop_front() {
             let actions = self.sup.handle(e, Instant::now());
             queue.extend(self.apply(actions));
+            self.settle_check();
         }
     }
 
@@ -431,10 +495,9 @@ impl Init {
                     self.panel_event(panel::Event::AllReady);
                     let up = system::uptime();
                     tracing::info!("all services ready (uptime {:.3} s)", up.as_secs_f64());
+                    // The boot is committed later, once every service has
+                    // stayed ready for the settling period (settle_check).
                     if self.opts.system {
-                        if let (Some(disk), Some(slot)) = (&self.opts.disk, self.opts.slot) {
-                            self.boot_mounted = bootcommit::mark_good(disk, slot);
-                        }
                         // Network time is not needed to serve; ask once the boot's work is done.
                         if self.clock != ClockSource::Ntp {
                             let tx = self.tx.clone();

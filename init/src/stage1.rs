@@ -114,11 +114,7 @@ fn try_run() -> Result<Infallible, Stage1Error> {
         .and_then(|s| Slot::parse(s))
         .unwrap_or(Slot::A);
     let disk = disk::find(Duration::from_secs(15))?;
-    let part = match slot {
-        Slot::A => disk::PART_ROOT_A,
-        Slot::B => disk::PART_ROOT_B,
-    };
-    let root = disk::partition_path(&disk, part);
+    let root = disk::partition_path(&disk, disk::root_partition(slot));
     tracing::info!(slot = %slot, root = %root.display(), "mounting root");
     std::fs::create_dir_all(NEWROOT).map_err(|source| Stage1Error::CreateDir {
         path: NEWROOT.into(),

@@ -154,6 +154,12 @@ impl Supervisor {
         self.all_ready_sent
     }
 
+    /// Every service is ready right now (never true of zero services:
+    /// no services is no healthy boot).
+    pub fn all_ready_now(&self) -> bool {
+        !self.rt.is_empty() && self.rt.iter().all(|r| r.state == ServiceState::Ready)
+    }
+
     pub fn shutting_down(&self) -> bool {
         self.shutting_down
     }
@@ -474,6 +480,7 @@ mod tests {
         assert!(s.start(t0).is_empty());
         assert!(s.handle(Event::Tick, t0).is_empty());
         assert!(!s.all_ready());
+        assert!(!s.all_ready_now());
     }
 
     #[test]
@@ -502,6 +509,7 @@ mod tests {
             vec![Action::AllReady]
         );
         assert!(s.all_ready());
+        assert!(s.all_ready_now());
         // A later crash and recovery does not repeat AllReady.
         s.handle(
             Event::Exited {
@@ -511,10 +519,15 @@ mod tests {
             },
             t0,
         );
+        // all_ready stays (it was reached once); all_ready_now does not.
+        assert!(s.all_ready());
+        assert!(!s.all_ready_now());
         let acts = s.handle(Event::Tick, t0 + Duration::from_secs(1));
         assert_eq!(acts, vec![Action::Spawn(1)]);
         s.handle(Event::Spawned { svc: 1, pid: 12 }, t0);
+        assert!(!s.all_ready_now());
         assert!(s.handle(Event::Ready { svc: 1, pid: 12 }, t0).is_empty());
+        assert!(s.all_ready_now());
         assert_eq!(s.runtime(1).unwrap().restarts, 1);
         assert_eq!(
             s.runtime(1).unwrap().last_exit.as_deref(),

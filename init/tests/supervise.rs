@@ -257,6 +257,36 @@ fn bad_requests_get_clear_errors() {
 }
 
 #[test]
+fn update_led_requests_are_accepted_and_no_boot_commit_is_reported_outside_a_box() {
+    use cloudlet_proto::control::UpdateLed;
+    let init = start(
+        r#"
+        [[service]]
+        name = "a"
+        exec = ["/bin/sh", "-c", "exec sleep 1000"]
+        ready = "started"
+        "#,
+    );
+    for state in [
+        UpdateLed::Installing,
+        UpdateLed::RolledBack,
+        UpdateLed::Idle,
+    ] {
+        assert_eq!(
+            call(&init.sock, &Request::Update { state }).unwrap(),
+            Response::Accepted,
+            "{state:?}"
+        );
+    }
+    let s = wait_for("all ready", || {
+        let s = status(&init.sock);
+        s.all_ready.then_some(s)
+    });
+    // No boot state to commit without --system.
+    assert_eq!(s.boot_commit, None);
+}
+
+#[test]
 fn sigterm_stops_services_in_reverse_order_and_reaps_orphans() {
     // Each service notes in @DIR@/stops when it gets SIGTERM; `top` takes a
     // moment to stop and notes when it is done, so `base` (which `top` needs)

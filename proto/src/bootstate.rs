@@ -306,6 +306,114 @@ pub fn next_write(newest_index: usize, state: &BootState) -> (usize, Vec<u8>) {
     (1 - newest_index, next.encode())
 }
 
+/// The boot state on a mounted boot partition, read and written under one
+/// lock so that init (committing a healthy boot) and the updater (switching
+/// slots) never both write the older copy from the same reading.
+///
+/// The lock is `flock(LOCK_EX)` on the first copy's file (advisory, held by
+/// every writer on the box). A write goes to the older copy, in place (the
+/// file keeps its clusters), and is fsynced before the lock is released.
+pub struct OnDisk {
+    dir: std::path::PathBuf,
+}
+
+/// The longest [`OnDisk`] waits for another writer's lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// What [`OnDisk::update`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Updated {
+    /// The change left the state as it was: nothing was written.
+    Unchanged(BootState),
+    /// Copy `index` was written with this state (its `seq` is the new one).
+    Written { index: usize, state: BootState },
+}
+
+impl OnDisk {
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> OnDisk {
+        OnDisk { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Takes the lock, waiting at most [`LOCK_WAIT`]: a holder that never
+    /// lets go makes an error, not a hung commit or install.
+    fn lock(&self) -> std::io::Result<std::fs::File> {
+        let f = std::fs::File::open(self.dir.join(COPY_NAMES[0]))?;
+        let until = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(f),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the boot state in {} stayed locked for {} s",
+                            self.dir.display(),
+                            LOCK_WAIT.as_secs()
+                        ),
+                    ))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn read_copies(&self) -> [Option<Vec<u8>>; 2] {
+        COPY_NAMES.map(|n| std::fs::read(self.dir.join(n)).ok())
+    }
+
+    /// The newest valid copy's index and state, or `None` when neither is valid.
+    pub fn read(&self) -> std::io::Result<Option<(usize, BootState)>> {
+        let _lock = self.lock()?;
+        let c = self.read_copies();
+        Ok(newest([c[0].as_deref(), c[1].as_deref()]))
+    }
+
+    /// Reads the newest state, lets `change` edit it and, when it changed,
+    /// writes it over the older copy with the next sequence number. Fails
+    /// when neither copy is valid (U-Boot would use its defaults; writing
+    /// over them needs a person to look).
+    pub fn update(&self, change: impl FnOnce(&mut BootState)) -> std::io::Result<Updated> {
+        use std::os::unix::fs::FileExt;
+        let _lock = self.lock()?;
+        let c = self.read_copies();
+        let (index, state) = newest([c[0].as_deref(), c[1].as_deref()]).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("no valid boot state in {}", self.dir.display()),
+            )
+        })?;
+        let mut next = state.clone();
+        change(&mut next);
+        if next == state {
+            return Ok(Updated::Unchanged(state));
+        }
+        let (write, bytes) = next_write(index, &next);
+        let path = self
+            .dir
+            .join(COPY_NAMES.get(write).copied().unwrap_or(COPY_NAMES[1]));
+        let f = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        f.write_all_at(&bytes, 0)?;
+        f.set_len(bytes.len() as u64)?;
+        f.sync_all()?;
+        next.seq = state.seq.wrapping_add(1);
+        Ok(Updated::Written {
+            index: write,
+            state: next,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -407,6 +515,32 @@ mod tests {
         let (i, n) = newest([Some(&a), Some(&torn)]).unwrap();
         assert_eq!((i, n.seq), (0, 7));
         assert!(newest([None, Some(&torn)]).is_none());
+    }
+
+    #[test]
+    fn on_disk_updates_write_the_older_copy_and_skip_no_change() {
+        let d = tempfile::tempdir().unwrap();
+        let s = BootState::initial();
+        std::fs::write(d.path().join(COPY_NAMES[0]), s.encode()).unwrap();
+        let disk = OnDisk::new(d.path());
+        // Only copy 0 exists: it is the newest; copy 1 is made.
+        let u = disk.update(|s| s.b_left = 2).unwrap();
+        assert!(
+            matches!(u, Updated::Written { index: 1, ref state } if state.seq == 2 && state.b_left == 2)
+        );
+        let (i, now) = disk.read().unwrap().unwrap();
+        assert_eq!((i, now.seq, now.b_left), (1, 2, 2));
+        assert!(matches!(
+            disk.update(|s| s.b_left = 2).unwrap(),
+            Updated::Unchanged(_)
+        ));
+        let u = disk.update(|s| s.order = vec![Slot::B, Slot::A]).unwrap();
+        assert!(matches!(u, Updated::Written { index: 0, .. }));
+        // Neither copy valid: an error, nothing written.
+        std::fs::write(d.path().join(COPY_NAMES[0]), b"x").unwrap();
+        std::fs::write(d.path().join(COPY_NAMES[1]), b"y").unwrap();
+        assert!(disk.update(|s| s.a_left = 1).is_err());
+        assert_eq!(std::fs::read(d.path().join(COPY_NAMES[1])).unwrap(), b"y");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! init's control protocol.
 //!
 //! One JSON [`Request`] per line on the Unix socket [`SOCKET_PATH`]; init
-//! answers each with one JSON [`Response`] line. Read-only requests are open
-//! to every local user; requests that change something need uid 0 (init checks
-//! the peer's credentials).
+//! answers each with one JSON [`Response`] line. Read-only requests, and
+//! the LED news of `pairing` and `update`, are open to every local user;
+//! requests that change something need uid 0, except `reboot`, which the
+//! `updater` user may also send (init checks the peer's credentials).
 
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +30,9 @@ pub enum Request {
     /// What the pairing window shows on the LEDs (from the sharing
     /// service, which runs pairing).
     Pairing { state: PairingLed },
-    /// Orderly shutdown, then reboot.
+    /// What the updater shows on the LEDs while it installs a bundle.
+    Update { state: UpdateLed },
+    /// Orderly shutdown, then reboot (root, or the updater to boot the new slot).
     Reboot,
     /// Orderly shutdown, then power off.
     PowerOff,
@@ -38,17 +41,31 @@ pub enum Request {
 impl Request {
     /// Whether the request changes the box (and so needs root).
     pub fn is_privileged(&self) -> bool {
-        // The pairing LED request changes only what the LEDs show for a
-        // few seconds: the sharing service (not root) sends it, and the
-        // only local users on a box are root and the services.
+        // The pairing and update LED requests change only what the LEDs
+        // show: the sharing and updater services (not root) send them, and
+        // the only local users on a box are root and the services.
         !matches!(
             self,
             Request::Status
                 | Request::Logs { .. }
                 | Request::Events { .. }
                 | Request::Pairing { .. }
+                | Request::Update { .. }
         )
     }
+}
+
+/// The updater's news for the LEDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateLed {
+    /// Installing a bundle: the updating pattern, until told otherwise.
+    Installing,
+    /// Done installing (or nothing to do): the normal pattern.
+    Idle,
+    /// The new slot failed and the box rolled back: the update error
+    /// pattern once, a few seconds.
+    RolledBack,
 }
 
 /// The pairing window's news for the LEDs.
@@ -179,6 +196,11 @@ pub struct Status {
     pub services: Vec<ServiceInfo>,
     #[serde(default)]
     pub board: Option<BoardInfo>,
+    /// Whether this boot is committed (marked good in the boot state):
+    /// `settling` (every service ready, waiting out the settling period),
+    /// `committed` or `not-committed`. `None` outside a box (no boot state).
+    #[serde(default)]
+    pub boot_commit: Option<String>,
 }
 
 #[cfg(test)]
@@ -196,6 +218,9 @@ mod tests {
                 service: "storage".into(),
                 lines: Some(10),
             },
+            Request::Update {
+                state: UpdateLed::RolledBack,
+            },
             Request::Reboot,
             Request::PowerOff,
         ];
@@ -208,6 +233,34 @@ mod tests {
             serde_json::to_string(&Request::PowerOff).unwrap(),
             r#"{"op":"power-off"}"#
         );
+        assert_eq!(
+            serde_json::to_string(&Request::Update {
+                state: UpdateLed::Installing
+            })
+            .unwrap(),
+            r#"{"op":"update","state":"installing"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"update","state":"rolled-back"}"#).unwrap(),
+            Request::Update {
+                state: UpdateLed::RolledBack
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"update","state":"flashing"}"#).is_err());
+    }
+
+    #[test]
+    fn a_status_without_boot_commit_still_decodes() {
+        // What an init from before the field answers.
+        let old = r#"{"hostname":"h","version":"0.1.0","slot":"A","clock":"unset","data":null,
+            "all_ready":true,"uptime_ms":5,"init_rss_kib":null,"services":[]}"#;
+        let s: Status = serde_json::from_str(old).unwrap();
+        assert_eq!(s.boot_commit, None);
+        let mut new = s.clone();
+        new.boot_commit = Some("settling".into());
+        let line = serde_json::to_string(&new).unwrap();
+        assert!(line.contains(r#""boot_commit":"settling""#), "{line}");
+        assert_eq!(serde_json::from_str::<Status>(&line).unwrap(), new);
     }
 
     #[test]
@@ -216,6 +269,10 @@ mod tests {
         assert!(!Request::Logs {
             service: "x".into(),
             lines: None
+        }
+        .is_privileged());
+        assert!(!Request::Update {
+            state: UpdateLed::Installing
         }
         .is_privileged());
         assert!(Request::Reboot.is_privileged());

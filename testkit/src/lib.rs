@@ -2,10 +2,11 @@
 //! generator (so a failing run can be repeated) and an HTTP/1.1 client small
 //! enough to send exactly the bytes a test means (odd paths, ranges, chunked
 //! bodies), with no hidden retries or normalization; and small Cloudlet-shaped disk
-//! images ([`image`]).
+//! images ([`image`]); a misbehaving file server for update tests ([`mirror`]).
 
 pub mod http;
 pub mod image;
+pub mod mirror;
 
 /// xorshift64*: small, deterministic, good enough to shake parsers and pick moments.
 pub struct Rng(pub u64);

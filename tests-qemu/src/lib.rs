@@ -6,6 +6,9 @@
 //! memory, a QMP socket for the power button and keys, and host ports
 //! forwarded to the box's HTTP ports. Waits poll with timeouts scaled by
 //! `CLOUDLET_TEST_TIMEOUT_SCALE` for slow machines; no bare sleeps.
+//! [`update`] has what the update tests and benchmark share.
+
+pub mod update;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -81,6 +84,9 @@ pub struct BootOptions {
     /// Kernel + initrd to boot directly, skipping U-Boot (the benchmark's floor).
     pub direct_kernel: Option<(PathBuf, PathBuf, String)>,
     pub memory_mib: u32,
+    /// A `guestfwd` rule for the box's network (e.g. a host server the box
+    /// reaches at 10.0.2.100, through `tcp_pipe`).
+    pub guestfwd: Option<String>,
 }
 
 impl Default for BootOptions {
@@ -89,6 +95,7 @@ impl Default for BootOptions {
             disk_size: "1G",
             direct_kernel: None,
             memory_mib: 512,
+            guestfwd: None,
         }
     }
 }
@@ -138,22 +145,7 @@ impl Disk {
             .arg("--sparse=always")
             .arg(out_dir().join("cloudlet-qemu-aarch64.img"))
             .arg(&raw))?;
-        let tree = dir.path().join("rootfs");
-        run(Command::new("unsquashfs")
-            .args(["-q", "-n", "-d"])
-            .arg(&tree)
-            .arg(out_dir().join("rootfs.squashfs")))?;
-        edit(&tree)?;
-        let fs = dir.path().join("rootfs.squashfs");
-        run(Command::new("mksquashfs").arg(&tree).arg(&fs).args([
-            "-comp",
-            "lz4",
-            "-Xhc",
-            "-all-root",
-            "-noappend",
-            "-quiet",
-            "-no-progress",
-        ]))?;
+        let fs = edited_rootfs(dir.path(), edit)?;
         let (offset, len) = Disk::partition_of(&raw, 2)?;
         let bytes = std::fs::metadata(&fs)?.len();
         if bytes > len {
@@ -166,6 +158,30 @@ impl Disk {
             .arg(format!("seek={}", offset / 512)))?;
         Disk::overlay(dir, &raw, size)
     }
+}
+
+/// The built root filesystem unpacked into `dir`, changed by `edit`, and
+/// packed again as the builder packs it; the path of the new squashfs.
+pub fn edited_rootfs(dir: &Path, edit: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let tree = dir.join("rootfs");
+    let _ = std::fs::remove_dir_all(&tree);
+    run(Command::new("unsquashfs")
+        .args(["-q", "-n", "-d"])
+        .arg(&tree)
+        .arg(out_dir().join("rootfs.squashfs")))?;
+    edit(&tree)?;
+    let fs = dir.join("rootfs.squashfs");
+    run(Command::new("mksquashfs").arg(&tree).arg(&fs).args([
+        "-comp",
+        "lz4",
+        "-Xhc",
+        "-all-root",
+        "-noappend",
+        "-quiet",
+        "-no-progress",
+    ]))?;
+    std::fs::remove_dir_all(&tree)?;
+    Ok(fs)
 }
 
 impl Disk {
@@ -331,7 +347,12 @@ impl Vm {
         ))
         // restrict=on: the box reaches nothing but the forwarded ports.
         .arg("-netdev")
-        .arg(format!("user,id=n0,restrict=on{fwd}"))
+        .arg(format!(
+            "user,id=n0,restrict=on{fwd}{}",
+            opts.guestfwd
+                .as_ref()
+                .map_or(String::new(), |g| format!(",guestfwd={g}"))
+        ))
         .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
         // The board: a keyboard whose keys are the button, the LED panel
         // on a virtio-serial port, and a watchdog.

@@ -116,8 +116,9 @@ fn boots_and_every_service_reports_ready() -> Result<()> {
         "{refused}"
     );
 
-    // Step: the healthy boot was committed (tries back to 3 in the boot state).
-    vm.wait_console("boot marked good", Duration::from_secs(30))?;
+    // Step: the healthy boot was committed (tries back to 3 in the boot
+    // state), once every service had stayed ready for the manifest's 60 s.
+    vm.wait_console("boot marked good", Duration::from_secs(120))?;
 
     // Step: services run as their own users, not root.
     let ps = vm.sh("ps -o user,args | grep '[c]loudletd'")?;
@@ -220,7 +221,8 @@ fn power_button_shuts_down_cleanly_and_data_survives() -> Result<()> {
     {
         let mut vm = Vm::boot(&disk, &BootOptions::default())?;
         vm.wait_ready()?;
-        vm.wait_console("boot marked good", Duration::from_secs(30))?;
+        // Committed after every service has stayed ready for 60 s.
+        vm.wait_console("boot marked good", Duration::from_secs(120))?;
         // No sync: the orderly shutdown must get it to the disk.
         vm.sh("mkdir -p /data/test && echo 'kept across power-off' > /data/test/hello")?;
         vm.power_button()?;

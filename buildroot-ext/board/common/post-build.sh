@@ -22,3 +22,6 @@ key_opt="$("$(dirname "$0")/signing-key.sh")"
 [ -z "$key_opt" ] || export CLOUDLET_SIGNING_KEY="$key_opt"
 CLOUDLET_BUNDLE_TOOL="$HOST_DIR/bin/cloudlet-bundle" \
   "$BR2_EXTERNAL_CLOUDLET_PATH/../image/bundle.sh" key "$BASE_DIR/cloudlet-keys" "$TARGET" >/dev/null
+# The release this image is (version and board), which the updater compares
+# bundles against. The board name is the post-script argument.
+"$BR2_EXTERNAL_CLOUDLET_PATH/../image/bundle.sh" release "$TARGET" "${2:?post-build: the board name is the post-script argument}"

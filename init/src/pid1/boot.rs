@@ -1,6 +1,6 @@
 //! PID 1's work before services start: the factory-reset gesture, then
-//! loopback, /data (and flash-time provisioning), hostname, network and
-//! clock. Problems are logged and the box carries on in the safest state
+//! loopback, /data (and flash-time provisioning), the boot partition and
+//! the other slot for the updater, hostname, network and clock. Problems are logged and the box carries on in the safest state
 //! it can: it never stops here.
 
 use std::collections::BTreeMap;
@@ -9,7 +9,8 @@ use std::path::Path;
 use cloudlet_proto::control::{ClockSource, DataInfo};
 use tokio::sync::mpsc;
 
-use super::{data, provision, Msg, Options};
+use super::{bootpart, data, provision, Msg, Options};
+use crate::bootcommit::BOOT_DIR;
 use crate::panel::{ResetAction, ResetGesture, ResetOutcome};
 use crate::system::{clock, net};
 
@@ -61,31 +62,45 @@ pub(super) async fn reset_gesture(
     }
 }
 
-/// Loopback, /data, hostname, network, console and clock. Adds init's
-/// variables for them to `vars`; returns the hostname and /data's state.
-pub(super) fn system_boot(
-    opts: &Options,
-    vars: &mut BTreeMap<String, String>,
-) -> (String, Option<DataInfo>) {
+/// What [`system_boot`] found and set up.
+pub(super) struct Booted {
+    pub hostname: String,
+    pub data: Option<DataInfo>,
+    /// The boot partition is mounted at [`crate::bootcommit::BOOT_DIR`].
+    pub boot_mounted: bool,
+}
+
+/// Loopback, /data, the boot partition and the other slot (for the
+/// updater), hostname, network, console and clock. Adds init's variables
+/// for them to `vars`.
+pub(super) fn system_boot(opts: &Options, vars: &mut BTreeMap<String, String>) -> Booted {
     if let Err(e) = net::link_up("lo") {
         tracing::error!(error = %e, "loopback");
     }
-    let data = match &opts.disk {
-        Some(disk) => match data::prepare(disk, &opts.data_dir) {
-            Ok(d) => {
-                // Before any service starts: what `cloudlet flash` left on
-                // the boot partition for the sharing service.
-                provision::import(disk, &opts.data_dir, &opts.etc);
-                Some(d)
+    let (data, boot_mounted) = match &opts.disk {
+        Some(disk) => {
+            // After /data: growing it changes the partition table, and the
+            // other slot's device node is handed over once that is done.
+            let data = data::prepare(disk, &opts.data_dir);
+            let boot_mounted = bootpart::prepare(disk, opts.slot, &opts.etc, vars);
+            match data {
+                Ok(d) => {
+                    // Before any service starts: what `cloudlet flash` left
+                    // on the boot partition for the sharing service.
+                    if boot_mounted {
+                        provision::import(Path::new(BOOT_DIR), &opts.data_dir, &opts.etc);
+                    }
+                    (Some(d), boot_mounted)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "data partition unavailable; services that need /data will fail");
+                    (None, boot_mounted)
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "data partition unavailable; services that need /data will fail");
-                None
-            }
-        },
+        }
         None => {
-            tracing::error!("no boot disk known; /data not mounted");
-            None
+            tracing::error!("no boot disk known; /data and /boot not mounted");
+            (None, false)
         }
     };
     let hostname = hostname(&opts.data_dir);
@@ -110,7 +125,11 @@ pub(super) fn system_boot(
         }
         c => tracing::info!(clock = ?c, "clock"),
     }
-    (hostname, data)
+    Booted {
+        hostname,
+        data,
+        boot_mounted,
+    }
 }
 
 /// The box's hostname, kept in /data/init/hostname; made (and stored) on first boot.

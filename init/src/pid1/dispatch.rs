@@ -26,6 +26,11 @@ impl Init {
                 self.panel_event(crate::panel::Event::Pairing(state));
                 Response::Accepted
             }
+            Request::Update { state } => {
+                tracing::info!(?state, "update LED");
+                self.panel_event(crate::panel::Event::Update(state));
+                Response::Accepted
+            }
             Request::Restart { service } => match self.sup.index_of(&service) {
                 Some(svc) => {
                     if self.shutdown.is_some() {

@@ -30,10 +30,6 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{open, openat, renameat, AtFlags, OFlag};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
 
-use crate::system::{disk, mounts};
-
-/// Where the boot partition is mounted meanwhile (as for the boot commit).
-const BOOT_MOUNT: &str = "/boot";
 /// The directory `cloudlet flash` writes on the boot partition.
 pub const FAT_DIR: &str = "cloudlet-provision";
 /// Where the files go, under /data: the sharing service's state directory.
@@ -68,45 +64,14 @@ fn io<'a>(
     }
 }
 
-/// Moves what `cloudlet flash` left on `disk`'s boot partition into
+/// Moves what `cloudlet flash` left on the boot partition (mounted
+/// read-write at `boot_dir` for the whole run, see `pid1/bootpart.rs`) into
 /// `data_dir`. Problems are logged; the boot goes on either way (the
 /// sharing service then makes an identity of its own, and pairing is by
 /// the button).
-pub(super) fn import(disk: &Path, data_dir: &Path, etc: &Path) {
-    use nix::mount::MsFlags;
-    let dev = disk::partition_path(disk, disk::PART_BOOT);
-    // Read-only to look: most boots find nothing, and leave the FAT
-    // partition as clean as they found it.
-    let flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV;
-    if let Err(e) = mounts::mount_fs(
-        &dev.to_string_lossy(),
-        BOOT_MOUNT,
-        "vfat",
-        flags | MsFlags::MS_RDONLY,
-        None,
-    ) {
-        tracing::error!(error = %e, "cannot look for flash-time provisioning");
-        return;
-    }
-    let src = Path::new(BOOT_MOUNT).join(FAT_DIR);
+pub(super) fn import(boot_dir: &Path, data_dir: &Path, etc: &Path) {
+    let src = boot_dir.join(FAT_DIR);
     if !src.is_dir() {
-        if let Err(e) = mounts::unmount_or_readonly(BOOT_MOUNT) {
-            tracing::warn!(error = %e, "boot partition");
-        }
-        return;
-    }
-    let rw = nix::mount::mount(
-        None::<&str>,
-        BOOT_MOUNT,
-        None::<&str>,
-        flags | MsFlags::MS_REMOUNT,
-        None::<&str>,
-    );
-    if let Err(e) = rw {
-        tracing::error!(error = %e, "cannot make the boot partition writable for flash-time provisioning");
-        if let Err(e) = mounts::unmount_or_readonly(BOOT_MOUNT) {
-            tracing::warn!(error = %e, "boot partition");
-        }
         return;
     }
     let owner = match crate::users::lookup(etc, SERVICE_USER) {
@@ -123,9 +88,6 @@ pub(super) fn import(disk: &Path, data_dir: &Path, etc: &Path) {
         ),
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "flash-time provisioning; the next boot tries again"),
-    }
-    if let Err(e) = mounts::unmount_or_readonly(BOOT_MOUNT) {
-        tracing::warn!(error = %e, "boot partition");
     }
 }
 

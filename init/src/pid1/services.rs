@@ -6,19 +6,32 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::Options;
 use crate::logbuf::LogBuf;
-use crate::manifest::{Manifest, ServiceSpec};
+use crate::manifest::{Manifest, ServiceSpec, DEFAULT_HEALTH_TIMEOUT, DEFAULT_SETTLE};
 
 /// The services to run, in start order, and a log buffer for each.
-pub(super) fn load(
-    opts: &Options,
-    vars: &BTreeMap<String, String>,
-) -> (Vec<ServiceSpec>, Vec<Arc<Mutex<LogBuf>>>) {
-    let services: Vec<_> = load_manifest(&opts.manifest)
-        .map(|m| m.services)
-        .unwrap_or_default()
+pub(super) struct Loaded {
+    pub services: Vec<ServiceSpec>,
+    pub logs: Vec<Arc<Mutex<LogBuf>>>,
+    /// How long every service must stay ready before the boot is committed.
+    pub settle: Duration,
+    /// How long the services may take to become ready, `settle` not
+    /// counted, before init gives this boot up.
+    pub health_timeout: Duration,
+}
+
+/// The services to run (see [`Loaded`]).
+pub(super) fn load(opts: &Options, vars: &BTreeMap<String, String>) -> Loaded {
+    // A manifest that does not load keeps the defaults: such a boot never
+    // commits, so it is given up after the default time.
+    let (settle, health_timeout, services) = match load_manifest(&opts.manifest) {
+        Some(m) => (m.settle, m.health_timeout, m.services),
+        None => (DEFAULT_SETTLE, DEFAULT_HEALTH_TIMEOUT, Vec::new()),
+    };
+    let services: Vec<_> = services
         .into_iter()
         .filter(|s| match &s.only_if {
             Some(v) => vars.contains_key(v),
@@ -32,7 +45,12 @@ pub(super) fn load(
         .iter()
         .map(|s| Arc::new(Mutex::new(LogBuf::new(s.log_lines))))
         .collect();
-    (services, logs)
+    Loaded {
+        services,
+        logs,
+        settle,
+        health_timeout,
+    }
 }
 
 /// The manifest, or `None` (logged) when it cannot be read or parsed.

@@ -83,7 +83,7 @@ pub fn power_down(mode: ShutdownMode, boot_mounted: bool) -> ! {
     reap_now();
     nix::unistd::sync();
     if boot_mounted {
-        let _ = mounts::unmount_or_readonly("/boot");
+        let _ = mounts::unmount_or_readonly(crate::bootcommit::BOOT_DIR);
     }
     match mounts::unmount_or_readonly("/data") {
         Ok(()) => tracing::info!("data unmounted cleanly"),

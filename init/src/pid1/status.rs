@@ -42,6 +42,7 @@ impl Init {
             uptime_ms: uptime_ms(),
             init_rss_kib: system::rss_kib(std::process::id()),
             services,
+            boot_commit: self.settle.as_ref().map(|s| s.name().to_owned()),
             board: self.board.as_ref().map(|b| BoardInfo {
                 name: b.name.to_owned(),
                 led: led_name(self.panel.shown()),

@@ -44,6 +44,14 @@ pub fn partition_path(disk: &Path, n: u32) -> PathBuf {
     }
 }
 
+/// The root partition of `slot`.
+pub fn root_partition(slot: cloudlet_proto::bootstate::Slot) -> u32 {
+    match slot {
+        cloudlet_proto::bootstate::Slot::A => PART_ROOT_A,
+        cloudlet_proto::bootstate::Slot::B => PART_ROOT_B,
+    }
+}
+
 /// An MBR partition entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MbrEntry {
@@ -253,6 +261,13 @@ mod tests {
             partition_path(Path::new("/dev/mmcblk0"), 2),
             Path::new("/dev/mmcblk0p2")
         );
+    }
+
+    #[test]
+    fn slot_a_is_partition_2_and_slot_b_partition_3() {
+        use cloudlet_proto::bootstate::Slot;
+        assert_eq!(root_partition(Slot::A), 2);
+        assert_eq!(root_partition(Slot::B), 3);
     }
 
     #[test]

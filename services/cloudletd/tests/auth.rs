@@ -224,9 +224,13 @@ async fn every_private_route_of_every_service_refuses_unpaired_and_revoked_devic
         &p,
     )
     .await;
+    let updater_dir = tempfile::tempdir().unwrap();
     check(
         "updater",
-        cloudlet_updater::routes(p.auth(), Some("A".into())),
+        cloudlet_updater::routes(
+            p.auth(),
+            cloudlet_updater::Updater::new(cloudlet_updater::Config::from_env(updater_dir.path())),
+        ),
         &p,
     )
     .await;

@@ -8,62 +8,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cloudlet_runtime::tls;
 use cloudlet_testkit::http::{request, request_tls, Body};
-use common::{cloudlet, spawn, spawn_with, text};
-
-/// A device key for the `cloudlet` config in `config`, paired in the
-/// registry of `data` with `role`; the box (whose sync answers at `addr`)
-/// pinned by its identity.
-fn pair_pc(config: &Path, data: &Path, s: &common::Spawned, role: &str) {
-    use base64_pin::encode;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["pc".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::create_dir_all(config).unwrap();
-    std::fs::write(config.join("device.key"), key.serialize_der()).unwrap();
-    std::fs::write(config.join("device.crt"), cert.der()).unwrap();
-    let hash = tls::key_hash(&tls::spki_of(cert.der()).unwrap());
-    s.registry
-        .owner(&["add-device", "pc", role, "--key", &hash])
-        .unwrap();
-
-    let identity = std::fs::read(data.join("sharing/identity.crt")).unwrap();
-    let spki = tls::spki_of(&identity.clone().into()).unwrap();
-    let boxes = serde_json::json!({
-        tls::box_id(&spki): {
-            "addr": s.addr.to_string(),
-            "identity": encode(&identity),
-            "key": tls::key_hash(&spki),
-            "device": "",
-            "role": role,
-        }
-    });
-    std::fs::write(config.join("boxes.json"), boxes.to_string()).unwrap();
-}
-
-/// Standard base64 (the tests have no base64 crate of their own).
-mod base64_pin {
-    pub fn encode(b: &[u8]) -> String {
-        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for c in b.chunks(3) {
-            let n = (u32::from(c[0]) << 16)
-                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-                | u32::from(*c.get(2).unwrap_or(&0));
-            for i in 0..4 {
-                if i <= c.len() {
-                    out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-}
+use common::{cloudlet, pair_pc, spawn, spawn_with, text};
 
 fn sync(config: &Path, port: u16, args: &[&str]) -> (bool, String) {
     let p = port.to_string();

@@ -221,7 +221,11 @@ impl Iface {
                     _ => r.lookup(&kind, &hash)?,
                 };
                 if let Some(d) = &d {
-                    r.seen(&d.id, crate::now())?;
+                    // Only bookkeeping: a full /data must not lock every
+                    // device out (found by the update test on a full disk).
+                    if let Err(e) = r.seen(&d.id, crate::now()) {
+                        tracing::warn!(device = %d.id, error = %e, "could not record when the device was last seen");
+                    }
                 }
                 Ok(d)
             })

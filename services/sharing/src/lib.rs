@@ -15,6 +15,7 @@ pub mod provision;
 pub mod registry;
 
 use cloudlet_proto::control::{self, ClockSource, Request, Response, Status};
+use cloudlet_proto::update::{Phase, UpdateStatus};
 use cloudlet_runtime::auth::{AuthError, Authenticator, CheckFuture, Identity, Presented};
 use cloudlet_runtime::router::{Params, RoutedBody, Router};
 use cloudlet_runtime::{health, json, text, Body, ServiceOptions, Transport};
@@ -65,8 +66,71 @@ pub fn esc(s: &str) -> String {
         .collect()
 }
 
-/// The status page.
-pub fn render(s: &Status) -> String {
+/// The updater's paragraph of the status page: what runs from which slot,
+/// what the updater is doing (with a percent while it writes), and how the
+/// last install, check or rollback ended (a rollback flagged).
+fn update_line(u: &UpdateStatus) -> String {
+    let mut out = format!(
+        "<p>Updates: running {} from slot {}",
+        esc(&u.version),
+        esc(u.slot.as_deref().unwrap_or("?"))
+    );
+    let doing = match u.phase {
+        Phase::Idle => None,
+        Phase::Checking => Some("checking for a new release"),
+        Phase::Installing => Some("installing"),
+        Phase::Verifying => Some("verifying"),
+        Phase::RebootPending => Some("a new release boots at the next reboot"),
+        Phase::Trial => Some("on trial, not committed yet"),
+    };
+    if let Some(d) = doing {
+        out.push_str("; ");
+        out.push_str(d);
+        if let (Phase::Installing | Phase::Verifying, Some(p)) = (u.phase, &u.progress) {
+            out.push_str(&format!(" {}", esc(&p.part)));
+            if p.total > 0 {
+                let pc = u128::from(p.done.min(p.total)) * 100 / u128::from(p.total);
+                out.push_str(&format!(", {pc}%"));
+            }
+        }
+    }
+    out.push('.');
+    if let Some(o) = &u.last {
+        let what = format!(
+            "Last: {}{}{}.",
+            esc(&o.kind),
+            o.version
+                .as_deref()
+                .map(|v| format!(" {}", esc(v)))
+                .unwrap_or_default(),
+            if o.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", esc(&o.message))
+            }
+        );
+        if o.kind == "rolled-back" {
+            out.push_str(&format!(" <span class=\"warn\">{what}</span>"));
+        } else {
+            out.push_str(&format!(" {what}"));
+        }
+    }
+    out.push_str("</p>");
+    out
+}
+
+/// The updater's latest status as it keeps it for this page, if there is
+/// one that reads: at `$CLOUDLET_UPDATE_STATUS` when set (where the
+/// updater writes it then, for tests off the box), else at its place.
+async fn update_status() -> Option<UpdateStatus> {
+    let path = std::env::var_os("CLOUDLET_UPDATE_STATUS")
+        .map_or_else(|| cloudlet_proto::update::STATUS_PATH.into(), PathBuf::from);
+    let bytes = tokio::fs::read(path).await.ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The status page, with the updater's line when `update` is known.
+pub fn render(s: &Status, update: Option<&UpdateStatus>) -> String {
     let mut rows = String::new();
     for svc in &s.services {
         rows.push_str(&format!(
@@ -114,12 +178,13 @@ pub fn render(s: &Status) -> String {
 <title>{host}</title><style>body{{font-family:system-ui,sans-serif;max-width:44em;margin:2em auto;padding:0 1em}}\
 table{{border-collapse:collapse;width:100%}}td,th{{text-align:left;padding:.3em;border-bottom:1px solid #ddd}}\
 .ready{{color:#070}}.failed,.warn{{color:#b00}}</style></head><body>\
-<h1>{host}</h1><p>Cloudlet {ver}, slot {slot}, {state}.</p>{clock}<p>Storage: {data}</p>{board}\
+<h1>{host}</h1><p>Cloudlet {ver}, slot {slot}, {state}.</p>{clock}{update}<p>Storage: {data}</p>{board}\
 <table><tr><th>Service</th><th>State</th><th>PID</th><th>Restarts</th><th>Last exit</th></tr>\n{rows}</table></body></html>\n",
         host = esc(&s.hostname),
         ver = esc(&s.version),
         slot = esc(s.slot.as_deref().unwrap_or("?")),
         state = if s.all_ready { "all services ready" } else { "starting" },
+        update = update.map(update_line).unwrap_or_default(),
     )
 }
 
@@ -136,7 +201,11 @@ fn human(b: u64) -> String {
 
 async fn status_page() -> hyper::Response<Body> {
     match status().await {
-        Ok(s) => text(StatusCode::OK, "text/html; charset=utf-8", render(&s)),
+        Ok(s) => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            render(&s, update_status().await.as_ref()),
+        ),
         Err(e) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain; charset=utf-8",
@@ -531,6 +600,7 @@ mod tests {
             all_ready: true,
             uptime_ms: 1,
             init_rss_kib: None,
+            boot_commit: None,
             services: vec![ServiceInfo {
                 name: "sync".into(),
                 state: ServiceState::Ready,
@@ -549,7 +619,7 @@ mod tests {
                 ],
             }),
         };
-        let html = render(&s);
+        let html = render(&s, None);
         assert!(
             html.contains("<p>Board: rpi4 (LEDs: pairing, watchdog on).</p>"),
             "{html}"
@@ -560,6 +630,82 @@ mod tests {
         assert!(html.contains("clock is not set"));
         assert!(html.contains("<td>sync</td><td class=\"ready\">ready</td><td>7</td><td>2</td><td>killed by SIGKILL</td>"));
         assert!(html.contains("not mounted"));
+        assert!(
+            !html.contains("Updates:"),
+            "no updater status, no line: {html}"
+        );
+    }
+
+    fn plain_status() -> Status {
+        Status {
+            hostname: "cloudlet".into(),
+            version: "0.2.0".into(),
+            slot: Some("B".into()),
+            clock: ClockSource::Ntp,
+            data: None,
+            all_ready: true,
+            uptime_ms: 1,
+            init_rss_kib: None,
+            boot_commit: None,
+            services: vec![],
+            board: None,
+        }
+    }
+
+    #[test]
+    fn the_update_line_shows_progress_and_escapes_a_hostile_outcome() {
+        use cloudlet_proto::update::{Outcome, Progress};
+        let u = UpdateStatus {
+            version: "0.2.0".into(),
+            board: "rpi4".into(),
+            slot: Some("B".into()),
+            phase: Phase::Installing,
+            progress: Some(Progress {
+                part: "rootfs.squashfs".into(),
+                done: 45,
+                total: 100,
+            }),
+            last: Some(Outcome {
+                kind: "refused".into(),
+                version: Some("0.3.0<b>".into()),
+                message: "<script>alert('x')</script> & \"more\"".into(),
+                at: 0,
+            }),
+            ..UpdateStatus::default()
+        };
+        let html = render(&plain_status(), Some(&u));
+        assert!(
+            html.contains("<p>Updates: running 0.2.0 from slot B; installing rootfs.squashfs, 45%. Last: refused 0.3.0&lt;b&gt;: &lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;more&quot;.</p>"),
+            "{html}"
+        );
+        assert!(!html.contains("<script>"));
+        assert!(!html.contains("<b>"));
+        let line = update_line(&u);
+        assert!(
+            !line.contains("warn"),
+            "a refusal is not a rollback: {line}"
+        );
+    }
+
+    #[test]
+    fn a_rollback_is_flagged_and_an_idle_updater_shows_no_phase() {
+        use cloudlet_proto::update::Outcome;
+        let u = UpdateStatus {
+            version: "0.1.9".into(),
+            slot: Some("A".into()),
+            last: Some(Outcome {
+                kind: "rolled-back".into(),
+                version: Some("0.2.0".into()),
+                message: "slot B did not come up healthy".into(),
+                at: 0,
+            }),
+            ..UpdateStatus::default()
+        };
+        let html = render(&plain_status(), Some(&u));
+        assert!(
+            html.contains("<p>Updates: running 0.1.9 from slot A. <span class=\"warn\">Last: rolled-back 0.2.0: slot B did not come up healthy.</span></p>"),
+            "{html}"
+        );
     }
 
     #[test]

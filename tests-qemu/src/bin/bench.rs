@@ -161,7 +161,7 @@ fn boot_bench() -> Result<()> {
         cl_stage1.push(b.guest_stage1);
         if i == RUNS - 1 {
             // Let the boot settle (commit, DHCP) before reading memory.
-            vm.wait_console("boot marked good", Duration::from_secs(60))?;
+            vm.wait_console("boot marked good", Duration::from_secs(120))?;
             std::thread::sleep(Duration::from_secs(2));
             let s = vm.status()?;
             let ps = vm.sh("for p in /proc/[0-9]*; do [ -r $p/status ] && awk '/^VmRSS/{s+=$2} END{if(s) print s}' $p/status; done | awk '{t+=$1} END{print t}'")?;
@@ -342,7 +342,7 @@ fn idle_bench() -> Result<()> {
     let disk = Disk::new("1G")?;
     let mut vm = Vm::boot(&disk, &BootOptions::default())?;
     vm.wait_ready()?;
-    vm.wait_console("boot marked good", Duration::from_secs(60))?;
+    vm.wait_console("boot marked good", Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_secs(5));
     // The guest's counters are read once before and once after; reading them
     // takes the box's shell a while (TCG), so the host's CPU window starts
