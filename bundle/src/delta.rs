@@ -497,15 +497,7 @@ mod tests {
 
     /// Deterministic noise (xorshift), so chunk boundaries are real.
     fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
+        cloudlet_testkit::Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1).fill(len)
     }
 
     struct Fix {

@@ -232,21 +232,73 @@ pub fn apply(vm: &mut Vm, url: &str, reboot: bool) -> Result<Value> {
     })
 }
 
-/// Boots `disk` until every service is ready and init committed the boot
-/// (an install needs a committed slot to fall back to); the slot U-Boot chose.
-pub fn boot_ready(disk: &Disk, mirror: &Mirror) -> Result<(Vm, String)> {
+/// Installs `url` with a reboot, and waits for QEMU to end (it runs with
+/// `-no-reboot`).
+pub fn install_and_reboot(mut vm: Vm, url: &str) -> Result<()> {
+    let last = apply(&mut vm, url, true)?;
+    if last["kind"] != "installed" {
+        bail!("{url} was not installed: {last}");
+    }
+    vm.wait_exit(Duration::from_secs(90))?;
+    Ok(())
+}
+
+/// Polls the updater until its last outcome is `kind`; its status then.
+pub fn wait_outcome(vm: &mut Vm, kind: &str, timeout: Duration) -> Result<Value> {
+    vm.poll(&format!("the updater to report {kind}"), timeout, |vm| {
+        let s = status(vm)?;
+        Ok((s["last"]["kind"] == kind).then_some(s))
+    })
+}
+
+/// Boots `disk` up to U-Boot's choice of slot; the VM and that slot.
+pub fn boot_slot(disk: &Disk, mirror: &Mirror) -> Result<(Vm, String)> {
     let mut vm = Vm::boot(disk, &boot_options(mirror))?;
     vm.wait_console("cloudlet: booting slot ", Duration::from_secs(60))?;
-    let slot = vm.console();
-    let slot = slot
+    let slot = vm
+        .console()
         .rsplit("cloudlet: booting slot ")
         .next()
         .and_then(|r| r.chars().next())
         .map(String::from)
         .unwrap_or_default();
+    Ok((vm, slot))
+}
+
+/// Boots `disk` until every service is ready and init committed the boot
+/// (an install needs a committed slot to fall back to); the slot U-Boot chose.
+pub fn boot_ready(disk: &Disk, mirror: &Mirror) -> Result<(Vm, String)> {
+    let (mut vm, slot) = boot_slot(disk, mirror)?;
     vm.wait_ready()?;
     vm.wait_console("boot marked good", Duration::from_secs(60))?;
     Ok((vm, slot))
+}
+
+/// Boots `disk` again and again while U-Boot picks a slot other than
+/// `good`: each such boot must show `failing` on the console and then end by
+/// itself (within `ends`). Returns the first boot of `good`, ready, and how
+/// many boots of the other slot came before it (at most 4 are allowed).
+pub fn boot_until_slot(
+    disk: &Disk,
+    mirror: &Mirror,
+    good: &str,
+    failing: &str,
+    ends: Duration,
+) -> Result<(Vm, usize)> {
+    let mut others = 0;
+    loop {
+        let (mut vm, slot) = boot_slot(disk, mirror)?;
+        if slot == good {
+            vm.wait_ready()?;
+            return Ok((vm, others));
+        }
+        vm.wait_console(failing, Duration::from_secs(180))?;
+        vm.wait_exit(ends)?;
+        others += 1;
+        if others > 4 {
+            bail!("the box kept booting slot {slot}, not {good}");
+        }
+    }
 }
 
 /// SHA-256 of what makes slot `slot` (its root partition, kernel and

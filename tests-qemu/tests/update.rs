@@ -9,13 +9,14 @@
 //! boot that never became healthy, the watchdog's) ends QEMU, and the test
 //! boots the same disk again, as the box's power would stay on.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cloudlet_testkit::mirror::Mirror;
 use cloudlet_tests_qemu::update::{
-    api, apply, boot_options, boot_ready, bundle, bundle_with, hanging_bundle, make_release,
-    on_box, signing_key, slot_digest, status, Variant,
+    api, apply, boot_ready, boot_slot, boot_until_slot, bundle, bundle_with, hanging_bundle,
+    install_and_reboot, make_release, on_box, signing_key, slot_digest, status, wait_outcome,
+    Variant,
 };
 use cloudlet_tests_qemu::{Disk, Vm};
 use serde_json::json;
@@ -135,14 +136,7 @@ fn a_box_updates_from_a_mirror_commits_after_settling_and_falls_back_from_a_rele
     drop(vm);
     let (mut vm, slot) = boot_ready(&disk, &mirror)?;
     assert_eq!(slot, "B");
-    let s = vm.poll(
-        "the updater to see the commit",
-        Duration::from_secs(30),
-        |vm| {
-            let s = status(vm)?;
-            Ok((s["last"]["kind"] == "committed").then_some(s))
-        },
-    )?;
+    let s = wait_outcome(&mut vm, "committed", Duration::from_secs(30))?;
     assert_eq!(
         (s["version"].clone(), s["floor"].clone()),
         (json!(V2), json!(V2)),
@@ -151,40 +145,16 @@ fn a_box_updates_from_a_mirror_commits_after_settling_and_falls_back_from_a_rele
     assert_eq!(slot_digest(&mut vm, "A")?, a, "the old slot A changed");
 
     // v3 never gets healthy: init reboots each try; U-Boot falls back to B.
-    let last = apply(&mut vm, &on_box("/v3.cub"), true)?;
-    assert_eq!(last["kind"], "installed", "{last}");
-    vm.wait_exit(Duration::from_secs(90))?;
-    drop(vm);
-    let started = Instant::now();
-    let mut tries = Vec::new();
-    let mut vm = loop {
-        let mut vm = Vm::boot(&disk, &boot_options(&mirror))?;
-        vm.wait_console("cloudlet: booting slot ", Duration::from_secs(60))?;
-        let slot = vm
-            .console()
-            .rsplit("cloudlet: booting slot ")
-            .next()
-            .and_then(|r| r.chars().next());
-        if slot == Some('B') {
-            vm.wait_ready()?;
-            break vm;
-        }
-        tries.push(slot);
-        vm.wait_console("did not become healthy", Duration::from_secs(180))?;
-        vm.wait_exit(Duration::from_secs(90))?;
-        if started.elapsed() > Duration::from_secs(900) || tries.len() > 4 {
-            bail!("the box did not fall back to slot B: boots {tries:?}");
-        }
-    };
-    assert_eq!(tries.len(), 3, "slot A (v3) was tried {tries:?}");
-    let s = vm.poll(
-        "the updater to report the fall-back",
-        Duration::from_secs(30),
-        |vm| {
-            let s = status(vm)?;
-            Ok((s["last"]["kind"] == "rolled-back").then_some(s))
-        },
+    install_and_reboot(vm, &on_box("/v3.cub"))?;
+    let (mut vm, tries) = boot_until_slot(
+        &disk,
+        &mirror,
+        "B",
+        "did not become healthy",
+        Duration::from_secs(90),
     )?;
+    assert_eq!(tries, 3, "slot A (v3) was tried {tries} times");
+    let s = wait_outcome(&mut vm, "rolled-back", Duration::from_secs(30))?;
     assert_eq!(s["version"], V2, "{s}");
     assert!(
         s["last"]["message"]
@@ -291,16 +261,14 @@ fn power_cuts_at_each_step_of_an_install_leave_a_box_that_boots_a_good_slot_and_
     let s = status(&mut vm)?;
     if slot == "A" {
         assert_eq!(s["version"], V1, "{s}");
-        let last = apply(&mut vm, &on_box("/v2.cub"), true)?;
-        assert_eq!(last["kind"], "installed", "{last}");
-        vm.wait_exit(Duration::from_secs(90))?;
+        install_and_reboot(vm, &on_box("/v2.cub"))?;
     } else {
         assert_eq!(s["version"], V2, "{s}");
         vm.pull_power()?;
     }
     // 5. during the first boot of the new slot, while the kernel starts.
-    let mut vm = Vm::boot(&disk, &boot_options(&mirror))?;
-    vm.wait_console("cloudlet: booting slot B", Duration::from_secs(60))?;
+    let (vm, slot) = boot_slot(&disk, &mirror)?;
+    assert_eq!(slot, "B", "the new slot is not tried first");
     vm.pull_power()?;
     let (mut vm, slot) = boot_ready(&disk, &mirror)?;
     assert_eq!(slot, "B", "the new slot had tries left after one cut boot");
@@ -347,45 +315,22 @@ fn a_new_slot_whose_boot_hangs_is_reset_by_the_watchdog_and_the_box_falls_back()
     let mirror = Mirror::start()?;
     mirror.put("/hang.cub", hanging_bundle(work.path(), V2, &key)?);
     let disk = Disk::with_rootfs("1G", |t| make_release(t, V1, false))?;
-    let (mut vm, _) = boot_ready(&disk, &mirror)?;
+    let (vm, _) = boot_ready(&disk, &mirror)?;
     assert!(
         vm.console().contains("cloudlet: watchdog armed"),
         "U-Boot did not arm the watchdog"
     );
-    let last = apply(&mut vm, &on_box("/hang.cub"), true)?;
-    assert_eq!(last["kind"], "installed", "{last}");
-    vm.wait_exit(Duration::from_secs(90))?;
-    drop(vm);
-    let mut hung = 0;
-    let mut vm = loop {
-        let mut vm = Vm::boot(&disk, &boot_options(&mirror))?;
-        vm.wait_console("cloudlet: booting slot ", Duration::from_secs(60))?;
-        let slot = vm
-            .console()
-            .rsplit("cloudlet: booting slot ")
-            .next()
-            .and_then(|r| r.chars().next());
-        if slot == Some('A') {
-            vm.wait_ready()?;
-            break vm;
-        }
-        // Only the watchdog ends this boot: nothing in it reboots.
-        vm.wait_console("this initramfs hangs", Duration::from_secs(120))?;
-        vm.wait_exit(Duration::from_secs(240))?;
-        hung += 1;
-        if hung > 3 {
-            bail!("the box kept booting the hanging slot");
-        }
-    };
-    assert_eq!(hung, 3, "slot B was tried {hung} times");
-    let s = vm.poll(
-        "the updater to report the fall-back",
-        Duration::from_secs(60),
-        |vm| {
-            let s = status(vm)?;
-            Ok((s["last"]["kind"] == "rolled-back").then_some(s))
-        },
+    install_and_reboot(vm, &on_box("/hang.cub"))?;
+    // Only the watchdog ends those boots: nothing in them reboots.
+    let (mut vm, hung) = boot_until_slot(
+        &disk,
+        &mirror,
+        "A",
+        "this initramfs hangs",
+        Duration::from_secs(240),
     )?;
+    assert_eq!(hung, 3, "slot B was tried {hung} times");
+    let s = wait_outcome(&mut vm, "rolled-back", Duration::from_secs(60))?;
     assert_eq!(s["version"], V1, "{s}");
     Ok(())
 }

@@ -18,15 +18,7 @@ use serde_json::{json, Value};
 const SLOT: u64 = 4 << 20;
 
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    cloudlet_testkit::Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1).fill(len)
 }
 
 struct Box_ {

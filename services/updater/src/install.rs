@@ -327,41 +327,13 @@ pub fn install(
         hash: blake3::Hasher::new(),
         n: 0,
     };
-    let other = t.other();
-    let boot = OnDisk::new(&t.boot_dir);
-    let accept = |m: &Manifest| -> Result<(), BundleError> {
-        check(m, t, rel, ask).map_err(BundleError::Refused)?;
-        // From here the other slot is being overwritten: not a fallback.
-        boot.update(|s| s.set_tries_left(other, 0)).map_err(|e| {
-            BundleError::Io(std::io::Error::other(SlotWrite(e, "the boot state".into())))
-        })?;
-        Ok(())
-    };
-    let sink = |part: &Part| -> std::io::Result<PartWriter<'_>> {
-        let path = t.part_path(&part.name);
-        let open = if part.name == "rootfs.squashfs" {
-            // The partition: written over in place, never created or truncated.
-            File::options().write(true).open(&path)
-        } else {
-            File::options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-        };
-        let file =
-            open.map_err(|e| std::io::Error::other(SlotWrite(e, path.display().to_string())))?;
-        Ok(PartWriter {
-            file,
-            name: part.name.clone(),
-            done: 0,
-            total: part.size,
-            reported: 0,
-            progress,
-        })
-    };
-    let manifest =
-        cloudlet_bundle::verify_with(&mut input, trusted, accept, sink).map_err(from_bundle)?;
+    let manifest = cloudlet_bundle::verify_with(
+        &mut input,
+        trusted,
+        |m| accept(m, t, rel, ask),
+        |part| PartWriter::open(t, part, progress),
+    )
+    .map_err(from_bundle)?;
     if let Some((size, hash)) = &ask.whole {
         // The tar's end blocks follow the last part.
         let rest = size.saturating_sub(input.n).saturating_add(1);
