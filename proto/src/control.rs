@@ -42,8 +42,9 @@ impl Request {
     /// Whether the request changes the box (and so needs root).
     pub fn is_privileged(&self) -> bool {
         // The pairing and update LED requests change only what the LEDs
-        // show: the sharing and updater services (not root) send them, and
-        // the only local users on a box are root and the services.
+        // show: the sharing and updater services (not root) send them.
+        // init lets only those two users (and root) send them on a box
+        // (init's `control::Access`).
         !matches!(
             self,
             Request::Status
