@@ -302,14 +302,7 @@ async fn get_range(url: &Url, offset: u64, len: u64, open_ended: bool) -> std::i
         }
         s => return Err(other(s.to_string())),
     }
-    let starts = resp
-        .headers()
-        .get(hyper::header::CONTENT_RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("bytes "))
-        .and_then(|v| v.split('-').next())
-        .and_then(|v| v.parse::<u64>().ok());
-    if starts != Some(offset) {
+    if fetch::range_start(&resp) != Some(offset) {
         return Err(other(format!(
             "asked for byte {offset}, sent another range"
         )));

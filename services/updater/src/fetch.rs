@@ -148,6 +148,16 @@ async fn send(
         .map_err(|e| format!("{url}: {e}"))
 }
 
+/// Where the range a 206 answer carries starts (`Content-Range: bytes A-B/N`).
+pub(crate) fn range_start<B>(resp: &hyper::Response<B>) -> Option<u64> {
+    resp.headers()
+        .get(hyper::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// A small document (a channel index): at most `max` bytes, within a minute.
 pub async fn get_small(url: &Url, max: u64) -> Result<Vec<u8>, String> {
     tokio::time::timeout(SMALL_DEADLINE, get_small_now(url, max))
@@ -268,14 +278,7 @@ async fn download_from(
                  (it does not support Range)"
             )));
         }
-        let starts = resp
-            .headers()
-            .get(hyper::header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("bytes "))
-            .and_then(|v| v.split('-').next())
-            .and_then(|v| v.parse::<u64>().ok());
-        if starts != Some(from) {
+        if range_start(&resp) != Some(from) {
             return Err(Stop::Fatal(format!(
                 "{url}: asked to resume at byte {from}, the server sent another range"
             )));

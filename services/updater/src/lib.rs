@@ -1111,17 +1111,8 @@ async fn put_channel(
 /// The service's routes: `/health` is public, the rest needs a paired
 /// credential; installing, rolling back and the channel need the owner.
 pub fn routes(auth: Arc<dyn Authenticator>, u: Arc<Updater>) -> Router {
-    let with = |u: &Arc<Updater>| u.clone();
-    let (a, b, c, d, e, f, g, h) = (
-        with(&u),
-        with(&u),
-        with(&u),
-        with(&u),
-        with(&u),
-        with(&u),
-        with(&u),
-        with(&u),
-    );
+    let (a, b, c, d) = (u.clone(), u.clone(), u.clone(), u.clone());
+    let (e, f, g, h) = (u.clone(), u.clone(), u.clone(), u);
     Router::new(auth)
         // Public: init and monitoring check liveness without a credential.
         .public(Method::GET, "/health", |_, _| async { health(NAME) })
